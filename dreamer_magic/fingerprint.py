@@ -1,0 +1,649 @@
+"""Deterministic, versioned fingerprints of values, code and functions.
+
+Pure: no IPython, no disk. A fingerprint is a 32-character hex digest (xxh3-128) over a
+type-tagged, length-prefixed encoding of the value, so that values of different types never
+collide by accident (an int64 array and its float64 view differ, ``1`` and ``"1"`` differ).
+Fingerprints do not depend on the process (no ``hash()``, no ``id()``, sets sorted), so two
+kernels agree. :data:`FORMAT_VERSION` is folded into every digest; golden-digest tests pin
+them so that an upgrade never silently invalidates users' folders.
+
+Examples
+--------
+>>> fingerprint([1, 2.0, "three"])  # doctest: +SKIP
+'4c7b0e…'
+>>> fingerprint({"b": 1, "a": 2}) == fingerprint({"a": 2, "b": 1})
+True
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import enum
+import inspect
+import struct
+import sys
+import types
+from typing import Any, Callable
+
+import xxhash
+
+from .errors import FingerprintError
+
+FORMAT_VERSION = 1
+
+_pack_q = struct.Struct("<q").pack
+_pack_d = struct.Struct("<d").pack
+
+
+def fingerprint(value: Any) -> str:
+    """Return the hex fingerprint of ``value``.
+
+    Examples
+    --------
+    >>> fingerprint(3) != fingerprint(3.0)
+    True
+
+    Raises
+    ------
+    FingerprintError
+        If the value (or something inside it) cannot be fingerprinted; the message names
+        the type and the reason.
+    """
+    h = Hasher()
+    h.value(value)
+    return h.hexdigest()
+
+
+def combine(*parts: str | bytes) -> str:
+    """Fingerprint of an ordered sequence of fingerprints or strings.
+
+    Examples
+    --------
+    >>> combine("a", "b") != combine("b", "a")
+    True
+    """
+    h = Hasher()
+    h.tag("combine")
+    for part in parts:
+        h.bytes_(part.encode() if isinstance(part, str) else part)
+    return h.hexdigest()
+
+
+def package_version(module_name: str) -> str | None:
+    """The installed version of a top-level package, or ``None`` when unknown.
+
+    Examples
+    --------
+    >>> package_version("xxhash") is not None
+    True
+    """
+    top = module_name.split(".")[0]
+    module = sys.modules.get(top)
+    version = getattr(module, "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+
+        try:
+            return dist_version(top)
+        except PackageNotFoundError:
+            return dist_version(top.replace("_", "-"))
+    except Exception:
+        return None
+
+
+def normalise_source(source: str) -> str:
+    """Source with comments, blank lines and formatting removed (an AST dump).
+
+    Falls back to the stripped non-blank, non-comment lines when the code does not parse
+    (IPython syntax such as ``!ls`` or ``%time``).
+
+    Examples
+    --------
+    >>> normalise_source("x = 1  # one\\n\\n") == normalise_source("x=1")
+    True
+    """
+    try:
+        return ast.dump(ast.parse(source), annotate_fields=False, include_attributes=False)
+    except SyntaxError:
+        lines = []
+        for line in source.splitlines():
+            stripped = line.strip()
+            if stripped and not stripped.startswith("#"):
+                lines.append(line.rstrip())
+        return "\n".join(lines)
+
+
+def _is_user_code(obj: Any) -> bool:
+    """True for functions/classes defined in the notebook (``__main__``) or another unversioned file."""
+    module = getattr(obj, "__module__", None)
+    if module in (None, "__main__", "__mp_main__") or module.startswith("__ipython"):
+        return True
+    return package_version(module) is None and module.split(".")[0] not in sys.stdlib_module_names
+
+
+class Hasher:
+    """Streaming, type-tagged hasher behind :func:`fingerprint`.
+
+    Examples
+    --------
+    >>> h = Hasher(); h.value({"a": 1}); len(h.hexdigest())
+    32
+    """
+
+    def __init__(self) -> None:
+        self._h = xxhash.xxh3_128()
+        self._stack: list[int] = []  # ids of containers being hashed, for cycles
+        self._functions: list[Any] = []  # functions being hashed, for recursion
+        self.tag(f"dreamer-fingerprint-v{FORMAT_VERSION}")
+
+    # -- primitives ---------------------------------------------------------------
+    def tag(self, name: str) -> None:
+        data = name.encode()
+        self._h.update(b"\x01" + _pack_q(len(data)) + data)
+
+    def bytes_(self, data: bytes | memoryview) -> None:
+        self._h.update(b"\x02" + _pack_q(len(data)))
+        self._h.update(data)
+
+    def int_(self, n: int) -> None:
+        self.bytes_(str(n).encode())
+
+    def str_(self, s: str) -> None:
+        self.bytes_(s.encode("utf-8", "surrogatepass"))
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+    # -- dispatch -----------------------------------------------------------------
+    def value(self, value: Any) -> None:
+        """Feed one value of any supported type."""
+        handler = _EXACT.get(type(value))
+        if handler is not None:
+            handler(self, value)
+            return
+        for check, handler in _HANDLERS:
+            if check(value):
+                handler(self, value)
+                return
+        self._generic(value)
+
+    def _container(self, value: Any, body: Callable[[], None]) -> None:
+        key = id(value)
+        if key in self._stack:
+            self.tag("cycle")
+            self.int_(len(self._stack) - self._stack.index(key))
+            return
+        self._stack.append(key)
+        try:
+            body()
+        finally:
+            self._stack.pop()
+
+    def _sequence(self, value: list | tuple) -> None:
+        def body() -> None:
+            self.tag(type(value).__name__ if type(value) in (list, tuple) else _qualname(type(value)))
+            self.int_(len(value))
+            for item in value:
+                self.value(item)
+
+        self._container(value, body)
+
+    def _set(self, value: set | frozenset) -> None:
+        def body() -> None:
+            self.tag(type(value).__name__)
+            digests = sorted(fingerprint_in(self, item) for item in value)
+            self.int_(len(digests))
+            for d in digests:
+                self.bytes_(d.encode())
+
+        self._container(value, body)
+
+    def _dict(self, value: dict) -> None:
+        def body() -> None:
+            self.tag("dict" if type(value) is dict else _qualname(type(value)))
+            items = sorted(
+                (fingerprint_in(self, k), k, v) for k, v in _dict_items(value)
+            ) if len(value) else []
+            self.int_(len(items))
+            for kd, _, v in items:
+                self.bytes_(kd.encode())
+                self.value(v)
+
+        self._container(value, body)
+
+    # -- third-party types --------------------------------------------------------
+    def ndarray(self, arr: Any) -> None:
+        import numpy as np
+
+        self.tag("numpy.ndarray")
+        self.str_(arr.dtype.str if arr.dtype.fields is None else repr(arr.dtype.descr))
+        self.str_(repr(tuple(arr.shape)))
+        if arr.dtype.hasobject:
+            self._object_values(arr.ravel(order="C"))
+        else:
+            self.bytes_(memoryview(np.ascontiguousarray(arr)).cast("B"))
+
+    def _object_values(self, flat: Any) -> None:
+        """Object arrays: a fast path for all-``str`` data, element-wise otherwise."""
+        import numpy as np
+
+        items = flat.tolist()
+        try:
+            joined = "\x00".join(items)
+        except TypeError:
+            self.tag("objects")
+            self.int_(len(items))
+            for item in items:
+                self.value(item)
+            return
+        self.tag("strings")
+        lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+        self.bytes_(memoryview(lengths).cast("B"))
+        self.bytes_(joined.encode("utf-8", "surrogatepass"))
+
+    def numpy_scalar(self, value: Any) -> None:
+        import numpy as np
+
+        self.tag("numpy.scalar")
+        self.ndarray(np.asarray(value))
+
+    def pandas_values(self, values: Any) -> None:
+        """The values of a pandas Series/Index column, by dtype."""
+        import numpy as np
+        import pandas as pd
+
+        dtype = values.dtype
+        self.str_(str(dtype))
+        array = values.array if hasattr(values, "array") else values
+        if isinstance(dtype, np.dtype):
+            arr = np.asarray(array)
+            if arr.dtype.hasobject:
+                self._object_values(arr)
+            else:
+                self.bytes_(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        elif isinstance(dtype, pd.CategoricalDtype):
+            self.tag("categorical")
+            self.value(dtype.ordered)
+            self.pandas_index(dtype.categories)
+            self.ndarray(np.asarray(array.codes))
+        elif hasattr(array, "_data") and hasattr(array, "_mask"):  # nullable Int64, boolean, Float64
+            self.ndarray(np.asarray(array._mask))
+            self.ndarray(np.where(array._mask, 0, array._data) if array._data.dtype.kind in "iufb" else array._data)
+        elif hasattr(array, "_pa_array"):  # pyarrow-backed: pandas 3's default str dtype
+            self.arrow(array._pa_array)
+        elif hasattr(array, "asi8"):  # tz-aware datetimes, periods
+            self.ndarray(np.asarray(array.asi8))
+        else:  # strings and other extension arrays
+            self._object_values(np.asarray(array.astype(object), dtype=object))
+
+    def arrow(self, chunked: Any) -> None:
+        """A pyarrow (chunked) array: strings by their buffers, others through numpy."""
+        import numpy as np
+        import pyarrow as pa
+
+        arr = chunked.combine_chunks() if isinstance(chunked, pa.ChunkedArray) else chunked
+        self.tag("arrow")
+        self.str_(str(arr.type))
+        self.ndarray(np.asarray(arr.is_null()))
+        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+            wide = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+            bufs = arr.buffers()
+            offsets = np.frombuffer(bufs[1], dtype=np.int64 if wide else np.int32)
+            offsets = offsets[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
+            self.bytes_(memoryview(np.diff(offsets)).cast("B"))
+            data = bufs[2]
+            self.bytes_(memoryview(data)[offsets[0] : offsets[-1]] if data is not None and len(offsets) else b"")
+        else:
+            self.ndarray(np.asarray(arr.to_numpy(zero_copy_only=False)))
+
+    def pandas_index(self, index: Any) -> None:
+        import pandas as pd
+
+        if isinstance(index, pd.RangeIndex):
+            self.tag("pandas.RangeIndex")
+            self.value((index.start, index.stop, index.step, index.name))
+            return
+        if isinstance(index, pd.MultiIndex):
+            self.tag("pandas.MultiIndex")
+            self.value(list(index.names))
+            for level in range(index.nlevels):
+                self.pandas_values(index.get_level_values(level))
+            return
+        self.tag(_qualname(type(index)))
+        self.value(index.name)
+        self.pandas_values(index)
+
+    def dataframe(self, df: Any) -> None:
+        self.tag("pandas.DataFrame")
+        self.int_(df.shape[1])
+        self.pandas_index(df.columns)
+        self.pandas_index(df.index)
+        for i in range(df.shape[1]):
+            self.pandas_values(df.iloc[:, i])
+        if df.attrs:
+            self.value(dict(df.attrs))
+
+    def series(self, s: Any) -> None:
+        self.tag("pandas.Series")
+        self.value(s.name)
+        self.pandas_index(s.index)
+        self.pandas_values(s)
+
+    def dataset(self, ds: Any) -> None:
+        """datasets: the library's own fingerprint (it follows the lineage of transforms)."""
+        lineage = LINEAGE.get(ds)
+        if lineage is not None:
+            self.tag("lineage")
+            self.str_(lineage)
+            return
+        self.tag("datasets.Dataset")
+        self.str_(ds._fingerprint)
+
+    def tensor(self, t: Any) -> None:
+        self.tag("torch.Tensor")
+        self.str_(str(t.dtype))
+        self.str_(repr(tuple(t.shape)))
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        self.bytes_(memoryview(flat.view(__import__("torch").uint8).numpy()).cast("B"))
+
+    def module_object(self, module: types.ModuleType) -> None:
+        self.tag("module")
+        self.str_(module.__name__)
+        self.value(package_version(module.__name__))
+
+    # -- code -------------------------------------------------------------------
+    def function(self, fn: Any) -> None:
+        """Functions: notebook functions by code + the globals they use; library ones by name + version."""
+        if isinstance(fn, functools_partial()):
+            self.tag("partial")
+            self.value(fn.func)
+            self.value(fn.args)
+            self.value(dict(fn.keywords))
+            return
+        if isinstance(fn, (types.MethodType,)):
+            self.tag("method")
+            self.value(fn.__func__)
+            self.value(fn.__self__)
+            return
+        if not isinstance(fn, types.FunctionType) or not _is_user_code(fn):
+            self.tag("library-callable")
+            self.str_(getattr(fn, "__module__", None) or "")
+            self.str_(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(type(fn))))
+            self.value(package_version(getattr(fn, "__module__", None) or ""))
+            return
+        if fn in self._functions:  # recursion: a function using itself
+            self.tag("recursive-function")
+            self.int_(self._functions.index(fn))
+            return
+        self._functions.append(fn)
+        try:
+            self.tag("function")
+            self.str_(fn.__qualname__)
+            self.code(fn.__code__)
+            self.value(fn.__defaults__)
+            self.value(fn.__kwdefaults__)
+            if fn.__closure__:
+                cells = []
+                for cell in fn.__closure__:
+                    try:
+                        cells.append(cell.cell_contents)
+                    except ValueError:  # empty cell
+                        cells.append(None)
+                self.value(tuple(cells))
+            self.str_("globals")
+            for name in sorted(code_global_names(fn.__code__)):
+                if name in fn.__globals__:
+                    value = fn.__globals__[name]
+                    self.str_(name)
+                    try:
+                        self.value(value)
+                    except FingerprintError as e:
+                        raise FingerprintError(
+                            f"function {fn.__qualname__}() uses the global {name!r}, which "
+                            f"cannot be fingerprinted: {e}"
+                        ) from None
+        finally:
+            self._functions.pop()
+
+    def code(self, code: types.CodeType) -> None:
+        self.tag("code")
+        source = _source_of(code)
+        if source is not None:
+            self.str_(normalise_source(source))
+            return
+        self.bytes_(code.co_code)
+        self.value(code.co_names)
+        self.value(code.co_varnames)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                self.code(const)
+            else:
+                self.value(const)
+
+    def klass(self, cls: type) -> None:
+        if not _is_user_code(cls):
+            self.tag("library-class")
+            self.str_(cls.__module__)
+            self.str_(cls.__qualname__)
+            self.value(package_version(cls.__module__))
+            return
+        self.tag("class")
+        self.str_(cls.__qualname__)
+        try:
+            self.str_(normalise_source(inspect.getsource(cls)))
+        except (OSError, TypeError):
+            for name, attr in sorted(vars(cls).items()):
+                if isinstance(attr, (types.FunctionType, staticmethod, classmethod, property)):
+                    self.str_(name)
+                    self.value(getattr(attr, "__func__", attr) if not isinstance(attr, property) else attr.fget)
+
+    # -- anything else ------------------------------------------------------------
+    def _generic(self, value: Any) -> None:
+        custom = getattr(type(value), "__dreamer_fingerprint__", None)
+        if custom is not None:
+            self.tag("custom")
+            self.str_(_qualname(type(value)))
+            self.value(custom(value))
+            return
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            self.tag("dataclass")
+            self.klass(type(value))
+            self.value({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+            return
+        module = type(value).__module__ or ""
+        if module.startswith("torch") and _is_torch_module(value):
+            self.tag("torch.nn.Module")
+            self.klass(type(value))
+            self.value(dict(value.state_dict()))
+            return
+        try:
+            reduced = value.__reduce_ex__(4)
+        except Exception as e:
+            raise FingerprintError(
+                f"a {_qualname(type(value))} cannot be fingerprinted: {e}"
+            ) from None
+        if isinstance(reduced, str) or not isinstance(reduced, tuple):
+            raise FingerprintError(f"a {_qualname(type(value))} cannot be fingerprinted")
+        self._container(value, lambda: self._reduced(value, reduced))
+
+    def _reduced(self, value: Any, reduced: tuple) -> None:
+        self.tag("object")
+        self.str_(_qualname(type(value)))
+        if not _is_user_code(type(value)):
+            self.value(package_version(type(value).__module__))
+        else:
+            self.klass(type(value))
+        callable_, args, *rest = reduced + (None,) * (5 - len(reduced))
+        state, listitems, dictitems = rest[:3]
+        if callable_ is not None and getattr(callable_, "__name__", "") != "__newobj__":
+            self.value(callable_)
+        self.value(args[1:] if getattr(callable_, "__name__", "") == "__newobj__" else args)
+        self.value(state)
+        if listitems is not None:
+            self.value(list(listitems))
+        if dictitems is not None:
+            self.value(dict(dictitems))
+
+
+def fingerprint_in(parent: Hasher, value: Any) -> str:
+    """Fingerprint a value while sharing the parent's cycle/recursion guards."""
+    child = Hasher.__new__(Hasher)
+    child._h = xxhash.xxh3_128()
+    child._stack = parent._stack
+    child._functions = parent._functions
+    child.value(value)
+    return child.hexdigest()
+
+
+class _Lineage:
+    """Datasets that are the unchanged output of a step, by identity (datasets are immutable)."""
+
+    def __init__(self) -> None:
+        import weakref
+
+        self._map: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def set(self, obj: Any, key: str) -> None:
+        try:
+            self._map[obj] = key
+        except TypeError:
+            pass
+
+    def get(self, obj: Any) -> str | None:
+        try:
+            return self._map.get(obj)
+        except TypeError:
+            return None
+
+
+LINEAGE = _Lineage()
+
+
+def code_global_names(code: types.CodeType) -> set[str]:
+    """Global names a code object (and its nested functions) may read."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= code_global_names(const)
+    return names
+
+
+def _source_of(code: types.CodeType) -> str | None:
+    try:
+        source = inspect.getsource(code)
+    except (OSError, TypeError, IndexError):
+        return None
+    import textwrap
+
+    source = textwrap.dedent(source)
+    try:
+        ast.parse(source)
+    except SyntaxError:  # a lambda inside an expression, for instance
+        return None
+    return source
+
+
+def _dict_items(value: dict) -> list:
+    return list(value.items())
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_torch_module(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.nn.Module)
+
+
+def functools_partial() -> type:
+    import functools
+
+    return functools.partial
+
+
+def _float(h: Hasher, v: float) -> None:
+    h.tag("float")
+    h._h.update(_pack_d(v))
+
+
+def _str(h: Hasher, v: str) -> None:
+    h.tag("str")
+    h.str_(v)
+
+
+def _int(h: Hasher, v: int) -> None:
+    h.tag("int")
+    h.int_(v)
+
+
+def _bytes(h: Hasher, v: bytes) -> None:
+    h.tag(type(v).__name__)
+    h.bytes_(bytes(v))
+
+
+_EXACT: dict[type, Callable[[Hasher, Any], None]] = {
+    type(None): lambda h, v: h.tag("None"),
+    bool: lambda h, v: h.tag("True" if v else "False"),
+    int: _int,
+    float: _float,
+    complex: lambda h, v: (h.tag("complex"), h._h.update(_pack_d(v.real) + _pack_d(v.imag))),
+    str: _str,
+    bytes: _bytes,
+    bytearray: _bytes,
+    list: Hasher._sequence,
+    tuple: Hasher._sequence,
+    dict: Hasher._dict,
+    set: Hasher._set,
+    frozenset: Hasher._set,
+    range: lambda h, v: (h.tag("range"), h.value((v.start, v.stop, v.step))),
+    slice: lambda h, v: (h.tag("slice"), h.value((v.start, v.stop, v.step))),
+    types.FunctionType: Hasher.function,
+    types.MethodType: Hasher.function,
+    types.BuiltinFunctionType: Hasher.function,
+    types.ModuleType: Hasher.module_object,
+    types.CodeType: Hasher.code,
+    type(Ellipsis): lambda h, v: h.tag("Ellipsis"),
+}
+
+
+def _module_isinstance(module: str, attr: str) -> Callable[[Any], bool]:
+    """A check that never imports ``module``: a value of that type implies it is imported."""
+
+    def check(value: Any) -> bool:
+        mod = sys.modules.get(module)
+        if mod is None:
+            return False
+        cls = mod
+        for part in attr.split("."):
+            cls = getattr(cls, part, None)
+            if cls is None:
+                return False
+        return isinstance(value, cls)
+
+    return check
+
+
+_HANDLERS: list[tuple[Callable[[Any], bool], Callable[[Hasher, Any], None]]] = [
+    (_module_isinstance("numpy", "ndarray"), Hasher.ndarray),
+    (_module_isinstance("numpy", "generic"), Hasher.numpy_scalar),
+    (_module_isinstance("pandas", "DataFrame"), Hasher.dataframe),
+    (_module_isinstance("pandas", "Series"), Hasher.series),
+    (_module_isinstance("pandas", "Index"), Hasher.pandas_index),
+    (_module_isinstance("datasets", "Dataset"), Hasher.dataset),
+    (_module_isinstance("datasets", "DatasetDict"), lambda h, v: (h.tag("datasets.DatasetDict"), h.value(dict(v)))),
+    (_module_isinstance("torch", "Tensor"), Hasher.tensor),
+    (lambda v: isinstance(v, (list, tuple)), Hasher._sequence),
+    (lambda v: isinstance(v, dict), Hasher._dict),
+    (lambda v: isinstance(v, (set, frozenset)), Hasher._set),
+    (lambda v: isinstance(v, type), Hasher.klass),
+    (lambda v: isinstance(v, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)) or isinstance(v, functools_partial()), Hasher.function),
+    (lambda v: isinstance(v, enum.Enum), lambda h, v: (h.tag("enum"), h.str_(_qualname(type(v))), h.value(v.value))),
+    (lambda v: isinstance(v, bool), lambda h, v: h.tag("True" if v else "False")),
+    (lambda v: isinstance(v, int), _int),
+    (lambda v: isinstance(v, float), _float),
+    (lambda v: isinstance(v, str), _str),
+]
