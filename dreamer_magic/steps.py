@@ -1,0 +1,642 @@
+"""The step lifecycle: decide hit / changed / restore, run, save, load.
+
+No IPython here: the magic hands in the cell's source, the values of its inputs, a function
+that runs the body, and (optionally) hooks to capture and replay rich output. The
+:func:`step` decorator drives the same lifecycle for a plain Python function.
+
+Examples
+--------
+>>> @step("tokenize")                      # doctest: +SKIP
+... def tokenize(texts):
+...     return [t.split() for t in texts]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import inspect
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
+
+from . import __version__
+from .cell import analyze, changed_lines
+from .errors import DreamerError, FingerprintError, StorageError
+from .fingerprint import FORMAT_VERSION, LINEAGE, Hasher, combine, fingerprint, normalise_source, package_version
+from .folders import OutputFolder, get_output_folder, now_iso, read_meta, validate_name
+from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Status
+
+STEP_FILE = "step.json"
+REPLAY_FILE = "replay.json"
+
+# Set by magics.py: called with a Status before a step starts, returns a handle with .finish().
+DISPLAY_HOOK: Callable[[Status], Any] | None = None
+# Set by magics.py: a context manager factory that records rich displays into a list.
+CAPTURE_HOOK: Callable[[list], ContextManager[Any]] | None = None
+# Set by magics.py: replays recorded outputs (streams and rich displays).
+REPLAY_HOOK: Callable[[list], None] | None = None
+
+_ACTIVE: list["StepRun"] = []
+
+
+def active_statuses() -> list[Status]:
+    """Statuses of the steps and trainers running now, outermost first."""
+    return [run.status for run in _ACTIVE]
+
+
+def core_versions() -> dict[str, str]:
+    """Versions of the packages a saved result depends on (recorded in step.json)."""
+    out = {"python": sys.version.split()[0], "dreamer_magic": __version__}
+    for name in ("numpy", "pandas", "pyarrow", "datasets", "torch", "transformers"):
+        if name in sys.modules:
+            version = package_version(name)
+            if version:
+                out[name] = version
+    return out
+
+
+@dataclass
+class StepSpec:
+    """Everything that decides a step's fingerprint and how to run it."""
+
+    name: str
+    source: str  # the code (for the fingerprint and "why")
+    inputs: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)  # names to save after the body runs
+    strict_outputs: bool = False  # True for --outputs: each name must exist after the run
+    rebind: list[str] = field(default_factory=list)  # import/def/class statements re-run on a hit
+    version: str | None = None
+    libraries: list[str] = field(default_factory=list)  # modules whose versions count
+    force: bool = False
+    replay: bool = True
+    allow_pickle: bool = True
+    kind: str = "step"
+    extra: dict[str, Any] = field(default_factory=dict)  # more fingerprint components (decorator args)
+
+
+def input_fingerprints(inputs: dict[str, Any]) -> dict[str, str]:
+    """Fingerprint each input; an input that cannot be fingerprinted is named with the fix."""
+    out = {}
+    for name, value in inputs.items():
+        try:
+            out[name] = fingerprint(value)
+        except FingerprintError as e:
+            raise FingerprintError(
+                f"input {name!r} ({type(value).__module__}.{type(value).__qualname__}) cannot be "
+                f"fingerprinted: {e}. Leave it out with `--inputs` (list the inputs that matter), "
+                "or give its class a `__dreamer_fingerprint__(self)` method returning something "
+                "that can be fingerprinted"
+            ) from None
+        except RecursionError:
+            raise FingerprintError(
+                f"input {name!r} is nested too deeply to fingerprint; leave it out with `--inputs`"
+            ) from None
+    return out
+
+
+def components_of(spec: StepSpec) -> dict[str, Any]:
+    """The fingerprint components stored in step.json (each one explains a change)."""
+    libraries = {}
+    for module in sorted(set(spec.libraries)):
+        version = package_version(module)
+        if version is not None:
+            libraries[module] = version
+    return {
+        "format": FORMAT_VERSION,
+        "kind": spec.kind,
+        "source": fingerprint(normalise_source(spec.source)),
+        "inputs": input_fingerprints(spec.inputs),
+        "version": spec.version,
+        "libraries": libraries,
+        **({"extra": fingerprint(spec.extra)} if spec.extra else {}),
+    }
+
+
+def fingerprint_of(components: dict[str, Any]) -> str:
+    return combine(json.dumps(components, sort_keys=True))
+
+
+def why(meta: dict | None, components: dict[str, Any], source: str, problem: str | None = None) -> list[str]:
+    """What changed between a stored result and now, in the user's words.
+
+    Examples
+    --------
+    >>> why(None, {}, "")
+    ['first run: no saved result']
+    """
+    if meta is None:
+        return [f"first run: {problem}" if problem and problem != "no saved result" else "first run: no saved result"]
+    old = meta.get("components") or {}
+    reasons = []
+    if old.get("format") != components.get("format"):
+        reasons.append("the fingerprint format changed (dreamer_magic upgrade)")
+    if old.get("source") != components.get("source"):
+        lines = changed_lines(meta.get("source", ""), source)
+        reasons.append("code changed: " + "; ".join(lines) if lines else "code changed")
+    old_inputs, new_inputs = old.get("inputs") or {}, components.get("inputs") or {}
+    for name in new_inputs:
+        if name not in old_inputs:
+            reasons.append(f"new input `{name}`")
+        elif old_inputs[name] != new_inputs[name]:
+            reasons.append(f"input `{name}` changed")
+    for name in old_inputs:
+        if name not in new_inputs:
+            reasons.append(f"input `{name}` no longer read")
+    if old.get("version") != components.get("version"):
+        reasons.append(f"--version changed: {old.get('version')!r} → {components.get('version')!r}")
+    old_libs, new_libs = old.get("libraries") or {}, components.get("libraries") or {}
+    for lib in sorted(set(old_libs) | set(new_libs)):
+        if old_libs.get(lib) != new_libs.get(lib):
+            reasons.append(f"library {lib}: {old_libs.get(lib)} → {new_libs.get(lib)}")
+    if old.get("extra") != components.get("extra"):
+        reasons.append("arguments changed")
+    if old.get("kind") != components.get("kind"):
+        reasons.append(f"was a {old.get('kind')}, now a {components.get('kind')}")
+    return reasons or ["fingerprint changed"]
+
+
+class _Tee:
+    """A stream that writes through to the real one and records what passed."""
+
+    def __init__(self, stream: Any, name: str, records: list) -> None:
+        self._stream, self._name, self._records = stream, name, records
+
+    def write(self, text: str) -> int:
+        if text:
+            if self._records and self._records[-1].get("stream") == self._name:
+                self._records[-1]["text"] += text
+            else:
+                self._records.append({"stream": self._name, "text": text})
+        return self._stream.write(text)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._stream, attr)
+
+
+@contextlib.contextmanager
+def _capture(records: list) -> Iterator[None]:
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(out, "stdout", records), _Tee(err, "stderr", records)
+    try:
+        if CAPTURE_HOOK is not None:
+            with CAPTURE_HOOK(records):
+                yield
+        else:
+            yield
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+def replay(records: list) -> None:
+    """Show recorded output again: through the magic's hook, or as plain prints."""
+    if REPLAY_HOOK is not None:
+        REPLAY_HOOK(records)
+        return
+    for rec in records:
+        if "stream" in rec:
+            (sys.stderr if rec["stream"] == "stderr" else sys.stdout).write(rec["text"])
+        elif "data" in rec and "text/plain" in rec["data"]:
+            print(rec["data"]["text/plain"])
+
+
+class StepRun:
+    """One run of the lifecycle for one step (subclassed by trainers).
+
+    Parameters
+    ----------
+    spec : what decides the fingerprint.
+    execute : runs the body; returns the namespace holding the outputs (a dict).
+    status : the status to fill in (created if not given).
+    """
+
+    meta_file = STEP_FILE
+
+    def __init__(self, spec: StepSpec, execute: Callable[[], dict], status: Status | None = None) -> None:
+        self.spec = spec
+        self.execute = execute
+        self.folder_name = validate_name(spec.name)
+        self.status = status or Status(kind=spec.kind, name=spec.name)
+        self.parent = _ACTIVE[-1] if _ACTIVE else None
+        self.out = OutputFolder(get_output_folder())
+        self.name_path = f"{self.parent.name_path}/{self.folder_name}" if self.parent else self.folder_name
+        self.tmp: Path | None = None
+        self.values: dict[str, Any] = {}
+
+    # -- where things are ---------------------------------------------------------
+    @property
+    def final(self) -> Path:
+        if self.parent is not None and self.parent.tmp is not None:
+            return self.parent.tmp / self.folder_name
+        return self.out.path(self.name_path)
+
+    def _previous(self) -> Path:
+        """Where an earlier complete result of this step lives (nested: under the parent's folder)."""
+        return self.out.path(self.name_path)
+
+    # -- the lifecycle ------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Hit, restore or run; returns the output values."""
+        status = self.status
+        status.state = RUNNING
+        status.folder = str(self.final)
+        started = time.perf_counter()
+        self.out.ensure()
+        components = components_of(self.spec)
+        fp = fingerprint_of(components)
+        status.fingerprint = fp
+        status.changed()
+
+        def waiting() -> None:
+            status.state = WAITING
+            status.notes.append("another kernel is running this step; waiting for it, then loading its result")
+            status.changed()
+
+        lock_name = self.name_path if self.parent is None else self.name_path + ".nested"
+        _ACTIVE.append(self)
+        try:
+            with self.out.lock(lock_name, on_wait=waiting):
+                status.state = RUNNING
+                if self.parent is None:
+                    self.out.clean_temps(self.final)
+                return self._decide_and_go(components, fp, started)
+        finally:
+            _ACTIVE.remove(self)
+            status.duration = time.perf_counter() - started
+            status.changed()
+
+    def _decide_and_go(self, components: dict, fp: str, started: float) -> dict[str, Any]:
+        status, spec = self.status, self.spec
+        meta, problem = self._find_previous()
+        if meta is not None and meta.get("fingerprint") == fp and not spec.force:
+            try:
+                return self._load(self._previous_location, meta, LOADED, started)
+            except StorageError as e:
+                problem = f"the saved result could not be loaded ({e}); running again"
+                meta = None
+        if not spec.force and self.parent is None:
+            found = self.out.find_backup(self.name_path, fp, self.meta_file)
+            if found is not None:
+                restored = self.out.restore(self.name_path, fp, self.meta_file)
+                if restored is not None:
+                    try:
+                        return self._load(self.final, restored, RESTORED, started)
+                    except StorageError as e:
+                        problem = f"the backup could not be loaded ({e}); running again"
+        status.reasons = ["--force"] if spec.force else why(meta, components, spec.source, problem)
+        if problem and meta is not None:
+            status.reasons.append(problem)
+        status.changed()
+        return self._run_and_save(components, fp, started)
+
+    def _find_previous(self) -> tuple[dict | None, str | None]:
+        if self.parent is not None and self.parent.tmp is not None:
+            here = self.parent.tmp / self.folder_name
+            meta, problem = read_meta(here, self.meta_file)
+            if meta is not None:
+                self._previous_location = here
+                return meta, None
+            earlier = self._previous()
+            meta, problem = read_meta(earlier, self.meta_file)
+            if meta is not None:
+                # carry the earlier result into the parent's new folder (hard links: no copy)
+                if here.exists():
+                    shutil.rmtree(here)
+                shutil.copytree(earlier, here, copy_function=_link_or_copy)
+                self._previous_location = here
+            return meta, problem
+        self._previous_location = self.final
+        return read_meta(self.final, self.meta_file)
+
+    def _load(self, folder: Path, meta: dict, state: str, started: float) -> dict[str, Any]:
+        from .storage import load_outputs
+
+        status = self.status
+        entries = meta.get("outputs") or {}
+        values = load_outputs(folder, entries, allow_pickle=self.spec.allow_pickle)
+        self._note_outputs(folder, entries)
+        self._mark_lineage(meta["fingerprint"], values)
+        status.state = state
+        status.folder = str(folder)
+        load_time = time.perf_counter() - started
+        original = float(meta.get("duration") or 0.0)
+        status.saved = max(original - load_time, 0.0)
+        status.duration = load_time
+        if state == RESTORED:
+            status.reasons = ["the code and inputs match a backup: restored it instead of running"]
+        if self.spec.replay:
+            replay_path = folder / REPLAY_FILE
+            if replay_path.exists():
+                with contextlib.suppress(OSError, ValueError):
+                    replay(json.loads(replay_path.read_text(encoding="utf-8")))
+        status.changed()
+        self.values = values
+        return values
+
+    def _run_and_save(self, components: dict, fp: str, started: float) -> dict[str, Any]:
+        status, spec = self.status, self.spec
+        self.tmp = self.out.new_temp(self.final)
+        records: list = []
+        try:
+            status.changed()
+            with _capture(records):
+                namespace = self.execute()
+            duration = time.perf_counter() - started
+            values = self._collect(namespace)
+            self._save(values, records, components, fp, duration)
+        except KeyboardInterrupt:
+            self._discard()
+            status.state = INTERRUPTED
+            status.error = "interrupted: nothing was saved; the previous result is untouched"
+            raise
+        except BaseException as e:
+            self._discard()
+            status.state = FAILED
+            status.error = _describe(e)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise DreamerError(
+                    f"no space left on the device while saving {spec.kind} {spec.name!r}; nothing "
+                    "was changed on disk. Free some space (`%dreamer gc` prunes backups) and run it again"
+                ) from None
+            raise
+        status.state = RAN
+        self._mark_lineage(fp, values)
+        status.changed()
+        self.values = values
+        return values
+
+    def _collect(self, namespace: dict) -> dict[str, Any]:
+        import types
+
+        values = {}
+        for name in self.spec.outputs:
+            if name not in namespace:
+                if self.spec.strict_outputs:
+                    raise DreamerError(
+                        f"--outputs names {name!r}, but the {self.spec.kind} did not define it; "
+                        "fix the list or the code"
+                    )
+                continue
+            value = namespace[name]
+            if isinstance(value, types.ModuleType):
+                self.status.notes.append(f"`{name}` is a module: not saved (import it in the cell instead)")
+                continue
+            values[name] = value
+        return values
+
+    def _save(self, values: dict, records: list, components: dict, fp: str, duration: float) -> None:
+        from .storage import save_outputs
+
+        assert self.tmp is not None
+        entries = save_outputs(values, self.tmp)
+        if records:
+            (self.tmp / REPLAY_FILE).write_text(json.dumps(records, ensure_ascii=False, default=str), encoding="utf-8")
+        meta = {
+            "name": self.spec.name,
+            "kind": self.spec.kind,
+            "fingerprint": fp,
+            "components": components,
+            "source": self.spec.source,
+            "inputs": list(self.spec.inputs),
+            "outputs": entries,
+            "rebind": self.spec.rebind,
+            "version": self.spec.version,
+            "created": now_iso(),
+            "duration": duration,
+            "packages": core_versions(),
+            "parent": self.parent.name_path if self.parent else None,
+        }
+        final = self.final
+        if self.parent is not None:
+            if final.exists():
+                shutil.rmtree(final)
+            from .folders import write_json_atomic
+
+            write_json_atomic(self.tmp / self.meta_file, meta)
+            os.rename(self.tmp, final)
+            moved = None
+        else:
+            moved = self.out.commit(self.tmp, final, self.name_path, self.meta_file, meta)
+        self.tmp = None
+        if moved:
+            self.status.notes.append(f"previous result kept in {moved}")
+        self._note_outputs(final, entries)
+        self.status.folder = str(final)
+
+    def _discard(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def _note_outputs(self, folder: Path, entries: dict) -> None:
+        from .folders import folder_size
+
+        self.status.outputs = [
+            OutputInfo(
+                name=name,
+                type=str(entry.get("type", "?")),
+                storage=str(entry.get("storage", "?")),
+                size=int(entry.get("size") or folder_size(folder / entry.get("path", ""))),
+            )
+            for name, entry in entries.items()
+        ]
+
+    def _mark_lineage(self, fp: str, values: dict) -> None:
+        for name, value in values.items():
+            if type(value).__module__.startswith("datasets"):
+                LINEAGE.set(value, combine(fp, name))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def step(name: str, *, version: str | None = None, force: bool = False, allow_pickle: bool = True) -> Callable:
+    """Make calling a function a step, keyed by its code, the globals it uses and its arguments.
+
+    Examples
+    --------
+    >>> @step("embed texts")                       # doctest: +SKIP
+    ... def embed(texts, model_name="mini"):
+    ...     return encoder.encode(texts)
+    >>> vectors = embed(["a", "b"])               # runs; later calls with the same arguments load
+
+    Called while another step runs, its folder nests under that step's folder.
+    """
+    validate_name(name)
+
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            result: dict[str, Any] = {}
+
+            def execute() -> dict:
+                result["result"] = fn(*args, **kwargs)
+                return result
+
+            spec = StepSpec(
+                name=name,
+                source=_function_source(fn),
+                inputs={"function": fn, **{f"arg:{k}": v for k, v in bound.arguments.items()}},
+                outputs=["result"],
+                strict_outputs=True,
+                version=version,
+                force=force,
+                allow_pickle=allow_pickle,
+            )
+            status = Status(kind="step", name=name)
+            handle = DISPLAY_HOOK(status) if DISPLAY_HOOK is not None else None
+            try:
+                values = StepRun(spec, execute, status).run()
+            finally:
+                if handle is not None:
+                    handle.finish()
+            return values["result"]
+
+        wrapper.step_name = name  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def _function_source(fn: Callable) -> str:
+    try:
+        import textwrap
+
+        return textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return f"<function {getattr(fn, '__qualname__', fn)}>"
+
+
+# -- the step magic's core ---------------------------------------------------------------
+
+
+def cell_spec(
+    name: str,
+    source: str,
+    namespace: dict,
+    *,
+    inputs: list[str] | None = None,
+    outputs: list[str] | None = None,
+    version: str | None = None,
+    force: bool = False,
+    replay: bool = True,
+    allow_pickle: bool = True,
+    exclude: set[str] | frozenset[str] = frozenset(),
+    kind: str = "step",
+) -> tuple[StepSpec, Any]:
+    """Work out a cell's inputs, outputs and libraries: the :class:`StepSpec` and the cell analysis."""
+    import types
+
+    info = analyze(source)
+    if inputs is None:
+        input_names = [n for n in info.reads if n in namespace and n not in exclude and not n.startswith("__")]
+    else:
+        missing = [n for n in inputs if n not in namespace]
+        if missing:
+            raise DreamerError(
+                f"--inputs names {', '.join(map(repr, missing))}, which "
+                f"{'is' if len(missing) == 1 else 'are'} not defined; run the cells that define "
+                f"{'it' if len(missing) == 1 else 'them'} first or fix the list"
+            )
+        input_names = list(inputs)
+    libraries = list(info.modules)
+    values = {}
+    for n in input_names:
+        value = namespace[n]
+        if isinstance(value, types.ModuleType):  # a module counts by its version
+            libraries.append(value.__name__.split(".")[0])
+        else:
+            values[n] = value
+    spec = StepSpec(
+        name=name,
+        source=source,
+        inputs=values,
+        outputs=list(outputs) if outputs is not None else list(info.outputs),
+        strict_outputs=outputs is not None,
+        rebind=info.rebind,
+        version=version,
+        libraries=libraries,
+        force=force,
+        replay=replay,
+        allow_pickle=allow_pickle,
+        kind=kind,
+    )
+    return spec, info
+
+
+def explain(
+    name: str,
+    source: str,
+    namespace: dict,
+    meta: dict | None,
+    problem: str | None,
+    *,
+    inputs: list[str] | None = None,
+    version: str | None = None,
+    exclude: set[str] | frozenset[str] = frozenset(),
+    kind: str = "step",
+) -> list[str]:
+    """``%dreamer why``: what differs between the saved result and the cell as it is now."""
+    spec, _ = cell_spec(name, source, namespace, inputs=inputs, version=version, exclude=exclude, kind=kind)
+    components = components_of(spec)
+    if meta is not None and meta.get("fingerprint") == fingerprint_of(components):
+        return [f"nothing changed: the saved result (fingerprint {meta['fingerprint'][:12]}) will be loaded"]
+    return why(meta, components, source, problem)
+
+
+def run_cell_step(
+    name: str,
+    source: str,
+    namespace: dict,
+    execute: Callable[[], Any],
+    *,
+    rerun: Callable[[str], Any] | None = None,
+    status: Status | None = None,
+    **options: Any,
+) -> Status:
+    """Run a cell as a step: work out inputs/outputs, fingerprint, hit or run, put outputs in ``namespace``.
+
+    ``execute()`` runs the body in ``namespace``. ``rerun(source)`` re-executes the
+    ``import``/``def``/``class`` statements on a hit (defaults to ``exec`` in ``namespace``).
+    ``options`` are those of :func:`cell_spec`.
+    """
+    spec, info = cell_spec(name, source, namespace, **options)
+
+    def run_body() -> dict:
+        execute()
+        return namespace
+
+    run = StepRun(spec, run_body, status)
+    values = run.run()
+    if run.status.state in (LOADED, RESTORED):
+        rerun_statements(info.rebind, namespace, rerun, name)
+    namespace.update(values)
+    return run.status
+
+
+def rerun_statements(statements: list[str], namespace: dict, rerun: Callable[[str], Any] | None, name: str) -> None:
+    """Re-bind a cell's ``import``/``def``/``class`` names after a hit."""
+    for stmt in statements:
+        if rerun is not None:
+            rerun(stmt)
+        else:
+            exec(compile(stmt, f"<dreamer_step {name}>", "exec"), namespace)
