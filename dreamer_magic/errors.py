@@ -30,3 +30,7 @@ class CacheMissError(DreamerError, LookupError):
 
 class CacheWarning(UserWarning):
     """Something about a cache deserves attention but does not stop the work."""
+
+
+class PickleRefusedError(StorageError):
+    """A saved output is a pickle and ``allow_pickle`` is off: refuse rather than re-run."""

@@ -52,7 +52,8 @@ class DreamerMagics(Magics):
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
-        self._cells: dict[str, tuple[str, Any]] = {}
+        self._cells: dict[str, tuple[str, Any, str]] = {}
+        self._last_status: Any = None
         if self.output_folder:
             set_output_folder(self.output_folder)
 
@@ -127,6 +128,7 @@ class DreamerMagics(Magics):
         from .status import Status
 
         status = Status(kind=kind, name=name)
+        self._last_status = status
         handle = self._display(status)
         options = dict(
             inputs=_names(args.inputs),

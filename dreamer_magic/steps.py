@@ -28,7 +28,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from . import __version__
 from .cell import analyze, changed_lines
-from .errors import DreamerError, FingerprintError, StorageError
+from .errors import DreamerError, FingerprintError, PickleRefusedError, StorageError
 from .fingerprint import FORMAT_VERSION, LINEAGE, Hasher, combine, fingerprint, normalise_source, package_version
 from .folders import OutputFolder, get_output_folder, now_iso, read_meta, validate_name
 from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Status
@@ -277,6 +277,8 @@ class StepRun:
         if meta is not None and meta.get("fingerprint") == fp and not spec.force:
             try:
                 return self._load(self._previous_location, meta, LOADED, started)
+            except PickleRefusedError:
+                raise
             except StorageError as e:
                 problem = f"the saved result could not be loaded ({e}); running again"
                 meta = None
@@ -287,6 +289,8 @@ class StepRun:
                 if restored is not None:
                     try:
                         return self._load(self.final, restored, RESTORED, started)
+                    except PickleRefusedError:
+                        raise
                     except StorageError as e:
                         problem = f"the backup could not be loaded ({e}); running again"
         status.reasons = ["--force"] if spec.force else why(meta, components, spec.source, problem)
@@ -600,7 +604,13 @@ def explain(
     components = components_of(spec)
     if meta is not None and meta.get("fingerprint") == fingerprint_of(components):
         return [f"nothing changed: the saved result (fingerprint {meta['fingerprint'][:12]}) will be loaded"]
-    return why(meta, components, source, problem)
+    out = []
+    for reason in why(meta, components, source, problem):
+        name = reason.split("`")[1] if reason.startswith("input `") else None
+        if name is not None and reason.endswith("no longer read") and name not in namespace:
+            reason = f"input `{name}` is not defined in this kernel: run the cells that define it first"
+        out.append(reason)
+    return out
 
 
 def run_cell_step(

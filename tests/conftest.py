@@ -50,4 +50,5 @@ def fresh_kernel(ip):
     keep = {k: v for k, v in ip.user_ns.items() if k in ip.user_ns_hidden}
     ip.user_ns.clear()
     ip.user_ns.update(keep)
+    ip.run_line_magic("reload_ext", "dreamer_magic")
     return ip

@@ -1,0 +1,222 @@
+"""Fingerprints: deterministic, type-aware, pinned by golden digests, equal across processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dreamer_magic.errors import FingerprintError
+from dreamer_magic.fingerprint import fingerprint, normalise_source
+
+
+def golden_values():
+    return {
+        "none": None,
+        "int": 42,
+        "float": 0.1,
+        "str": "héllo",
+        "bytes": b"\x00\x01",
+        "list": [1, "a", None, 2.5],
+        "tuple": (1, 2),
+        "dict": {"b": 1, "a": [1, 2]},
+        "set": {3, 1, 2},
+        "int64": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "float32": np.linspace(0, 1, 5, dtype=np.float32),
+        "frame": pd.DataFrame({"text": ["a", "bb", "ccc"], "n": [1, 2, 3], "x": [0.5, 1.5, 2.5]}),
+        "series": pd.Series([1.0, 2.0], name="s"),
+    }
+
+
+# Pinned: if one of these changes, every user's saved steps would silently re-run. Change
+# them only together with fingerprint.FORMAT_VERSION, on purpose.
+GOLDEN = {
+    "none": "9639c49d37b9b1f98ad65cfac941e60c",
+    "int": "99ea9c25082a29c37bb3e63146ac4f85",
+    "float": "651037403a5ca8b1a65e835381446682",
+    "str": "7e9aa6745b9ab30529295a8b09bf4a63",
+    "bytes": "fd6bff8510007843f4c0bc00d02b5b0a",
+    "list": "83895fe0f6cd86a61e5ebd781d825cbf",
+    "tuple": "403a6d9ae8e4c055279add7eadf2c703",
+    "dict": "f0c886c8a2997dbe3bc69038bb389ab1",
+    "set": "73499c636bbe7623e6c7e4cb605aaf2f",
+    "int64": "1343ac65bb7fa7b6cb25b964868bbb73",
+    "float32": "ba5c0a5fa97f894ab7414b661f11a387",
+    "frame": "3c40b0fb72b32a7f9f7096a55f3df16b",
+    "series": "17b90a76712e7c1c074a2e35e119033b",
+}
+
+
+def test_golden_digests():
+    actual = {k: fingerprint(v) for k, v in golden_values().items()}
+    assert actual == GOLDEN
+
+
+def test_same_in_another_process():
+    code = textwrap.dedent(
+        """
+        import json, sys
+        sys.path.insert(0, %r)
+        from test_fingerprint import golden_values
+        from dreamer_magic.fingerprint import fingerprint
+        print(json.dumps({k: fingerprint(v) for k, v in golden_values().items()}))
+        """
+        % str(__import__("pathlib").Path(__file__).parent)
+    )
+    import json
+    import os
+
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(out.stdout) == {k: fingerprint(v) for k, v in golden_values().items()}
+
+
+def test_types_are_part_of_the_fingerprint():
+    a = np.arange(4, dtype=np.int64)
+    assert fingerprint(a) != fingerprint(a.view(np.float64))
+    assert fingerprint(a) != fingerprint(a.astype(np.int32))
+    assert fingerprint(a) != fingerprint(a.reshape(2, 2))
+    assert fingerprint(1) != fingerprint(1.0) != fingerprint("1")
+    assert fingerprint(True) != fingerprint(1)
+    assert fingerprint([1, 2]) != fingerprint((1, 2))
+    assert fingerprint(["ab", "c"]) != fingerprint(["a", "bc"])
+
+
+def test_order_insensitive_where_python_is():
+    assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
+    assert fingerprint({1, 2, 3}) == fingerprint({3, 2, 1})
+
+
+def test_dataframes_by_content_index_and_dtypes():
+    df = pd.DataFrame({"text": ["x", "y"], "n": [1, 2]})
+    assert fingerprint(df) == fingerprint(df.copy())
+    assert fingerprint(df) != fingerprint(df.set_axis([5, 6]))
+    assert fingerprint(df) != fingerprint(df.astype({"n": "float64"}))
+    assert fingerprint(df) != fingerprint(df.astype({"text": object}))
+    assert fingerprint(df) != fingerprint(df.rename(columns={"n": "m"}))
+    changed = df.copy()
+    changed.loc[1, "text"] = "z"
+    assert fingerprint(df) != fingerprint(changed)
+    with_none = pd.DataFrame({"o": ["a", None, 3]}, dtype=object)
+    assert fingerprint(with_none) == fingerprint(with_none.copy())
+    cat = df.astype({"text": "category"})
+    assert fingerprint(cat) == fingerprint(cat.copy()) != fingerprint(df)
+    nullable = pd.DataFrame({"n": pd.array([1, None, 3], dtype="Int64")})
+    assert fingerprint(nullable) != fingerprint(pd.DataFrame({"n": pd.array([1, 2, 3], dtype="Int64")}))
+
+
+def test_sliced_strings_hash_like_their_copy():
+    s = pd.Series(["alpha", "beta", "gamma", "delta"])
+    assert fingerprint(s.iloc[1:3].reset_index(drop=True)) == fingerprint(pd.Series(["beta", "gamma"]))
+
+
+def test_torch_tensors():
+    torch = pytest.importorskip("torch")
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert fingerprint(t) == fingerprint(t.clone())
+    assert fingerprint(t) != fingerprint(t.to(torch.float64))
+    assert fingerprint(t) != fingerprint(t.T.contiguous())
+    assert fingerprint(torch.ones(2, dtype=torch.bfloat16)) != fingerprint(torch.ones(2, dtype=torch.float16))
+
+
+def test_functions_by_code_and_globals():
+    ns: dict = {"scale": 2}
+    exec("def f(x):\n    # a comment\n    return x * scale\n", ns)
+    first = fingerprint(ns["f"])
+    exec("def f(x):\n    return x * scale\n", ns)
+    assert fingerprint(ns["f"]) == first, "comments do not count"
+    ns["scale"] = 3
+    assert fingerprint(ns["f"]) != first, "a global it uses changed"
+    exec("def f(x):\n    return x * scale + 1\n", ns)
+    assert fingerprint(ns["f"]) != first
+
+
+def test_recursive_function_and_cycles():
+    ns: dict = {}
+    exec("def fact(n):\n    return 1 if n < 2 else n * fact(n - 1)\n", ns)
+    assert fingerprint(ns["fact"]) == fingerprint(ns["fact"])
+    loop: list = [1]
+    loop.append(loop)
+    assert fingerprint(loop) == fingerprint(loop)
+
+
+def test_modules_by_name_and_version():
+    import json
+
+    assert fingerprint(np) != fingerprint(json)
+    assert fingerprint(np) == fingerprint(np)
+
+
+def test_unfingerprintable_is_an_error_not_a_random_key():
+    import threading
+
+    with pytest.raises(FingerprintError, match="lock"):
+        fingerprint(threading.Lock())
+    with pytest.raises(FingerprintError):
+        fingerprint((i for i in range(3)))
+
+
+def test_custom_hook():
+    class Client:
+        def __init__(self, url):
+            self.url = url
+            self.session = __import__("threading").Lock()
+
+        def __dreamer_fingerprint__(self):
+            return self.url
+
+    assert fingerprint(Client("a")) == fingerprint(Client("a")) != fingerprint(Client("b"))
+
+
+def test_plain_objects_and_dataclasses():
+    from dataclasses import dataclass
+    from fractions import Fraction
+
+    @dataclass
+    class Cfg:
+        lr: float
+        tags: set
+
+    assert fingerprint(Cfg(0.1, {"a", "b"})) == fingerprint(Cfg(0.1, {"b", "a"}))
+    assert fingerprint(Cfg(0.1, set())) != fingerprint(Cfg(0.2, set()))
+    assert fingerprint(Fraction(1, 3)) == fingerprint(Fraction(2, 6)) != fingerprint(Fraction(1, 2))
+
+
+def test_datasets_by_their_fingerprint_and_lineage():
+    import datasets
+
+    from dreamer_magic.fingerprint import LINEAGE
+
+    ds = datasets.Dataset.from_dict({"a": [1, 2, 3]})
+    assert fingerprint(ds) == fingerprint(ds)
+    mapped = ds.map(lambda r: {"a": r["a"] + 1})
+    assert fingerprint(mapped) != fingerprint(ds)
+    LINEAGE.set(ds, "step-abc")
+    assert fingerprint(ds) != fingerprint(mapped)
+    assert fingerprint(ds) == fingerprint(ds)
+
+
+def test_normalise_source_ignores_comments_and_blank_lines():
+    assert normalise_source("x = 1\n\n# hi\ny = x  # there\n") == normalise_source("x = 1\ny = x")
+    assert normalise_source("x = 1") != normalise_source("x = 2")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(json_values)
+def test_deterministic_for_any_json_value(value):
+    import copy
+
+    assert fingerprint(value) == fingerprint(copy.deepcopy(value))
