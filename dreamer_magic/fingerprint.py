@@ -280,24 +280,38 @@ class Hasher:
             self._object_values(np.asarray(array.astype(object), dtype=object))
 
     def arrow(self, chunked: Any) -> None:
-        """A pyarrow (chunked) array: strings by their buffers, others through numpy."""
+        """A pyarrow (chunked) array, hashed from its buffers; independent of the chunking."""
         import numpy as np
         import pyarrow as pa
 
-        arr = chunked.combine_chunks() if isinstance(chunked, pa.ChunkedArray) else chunked
+        chunks = chunked.chunks if isinstance(chunked, pa.ChunkedArray) else [chunked]
+        kind = chunked.type
         self.tag("arrow")
-        self.str_(str(arr.type))
-        self.ndarray(np.asarray(arr.is_null()))
-        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
-            wide = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
-            bufs = arr.buffers()
-            offsets = np.frombuffer(bufs[1], dtype=np.int64 if wide else np.int32)
-            offsets = offsets[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
-            self.bytes_(memoryview(np.diff(offsets)).cast("B"))
-            data = bufs[2]
-            self.bytes_(memoryview(data)[offsets[0] : offsets[-1]] if data is not None and len(offsets) else b"")
-        else:
-            self.ndarray(np.asarray(arr.to_numpy(zero_copy_only=False)))
+        self.str_(str(kind))
+        binary = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+        if not binary:
+            for chunk in chunks:
+                self.ndarray(np.asarray(chunk.is_null()))
+                self.ndarray(np.asarray(chunk.to_numpy(zero_copy_only=False)))
+            return
+        wide = pa.types.is_large_string(kind) or pa.types.is_large_binary(kind)
+        lengths, data, nulls = xxhash.xxh3_128(), xxhash.xxh3_128(), xxhash.xxh3_128()
+        count = null_count = 0
+        for chunk in chunks:
+            bufs = chunk.buffers()
+            offsets = np.frombuffer(bufs[1], dtype=np.int64 if wide else np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+            if len(offsets):
+                lengths.update(np.diff(offsets).astype(np.int64, copy=False))
+                if bufs[2] is not None:
+                    data.update(memoryview(bufs[2])[int(offsets[0]) : int(offsets[-1])])
+            if chunk.null_count:
+                nulls.update(np.asarray(chunk.is_null()))
+            null_count += chunk.null_count
+            count += len(chunk)
+        self.int_(count)
+        self.int_(null_count)
+        for part in (lengths, data, nulls):
+            self.bytes_(part.digest())
 
     def pandas_index(self, index: Any) -> None:
         import pandas as pd

@@ -452,8 +452,10 @@ class StepRun:
         ]
 
     def _mark_lineage(self, fp: str, values: dict) -> None:
+        """Datasets this step produced are fingerprinted by the step's fingerprint from now on."""
+        inputs = [id(v) for v in self.spec.inputs.values()]
         for name, value in values.items():
-            if type(value).__module__.startswith("datasets"):
+            if type(value).__module__.startswith("datasets") and id(value) not in inputs:
                 LINEAGE.set(value, combine(fp, name))
 
 

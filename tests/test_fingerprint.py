@@ -48,7 +48,7 @@ GOLDEN = {
     "set": "73499c636bbe7623e6c7e4cb605aaf2f",
     "int64": "1343ac65bb7fa7b6cb25b964868bbb73",
     "float32": "ba5c0a5fa97f894ab7414b661f11a387",
-    "frame": "3c40b0fb72b32a7f9f7096a55f3df16b",
+    "frame": "8e31e4bd3043828c9bba4483fc697c41",
     "series": "17b90a76712e7c1c074a2e35e119033b",
 }
 

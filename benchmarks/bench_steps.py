@@ -1,0 +1,231 @@
+"""Step benchmarks, each side by side with the peer doing the same work in the same run.
+
+    .venv/bin/python benchmarks/bench_steps.py [--rows 1000000] [--repeat 5]
+
+Prints medians and ratios for:
+- `%load_ext dreamer_magic` wall time (fresh processes), and which heavy modules it imported;
+- a hit on a step whose input and output are a 1M-row DataFrame vs joblib.Memory and pickle.load;
+- a hit on a step whose input and output are a 1M-row datasets.Dataset (the magic's overhead);
+- fingerprinting a 1 GB array and the 1M-row DataFrame vs joblib.hash;
+- peak RSS added by a hit on the 1M-row Dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.1f} ms"
+
+
+def make_frame(rows: int):
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    words = np.array(["good", "bad", "fine", "great", "awful", "ok", "superb", "meh"])
+    text = [f"review {i}: {words[i % 8]} {words[(i * 7) % 8]}" for i in range(rows)]
+    return pd.DataFrame({"text": text, "stars": rng.integers(1, 6, rows), "score": rng.random(rows)})
+
+
+def bench_load_ext(repeat: int) -> None:
+    code = textwrap.dedent(
+        """
+        import sys, time
+        from IPython.core.interactiveshell import InteractiveShell
+        ip = InteractiveShell.instance()
+        t = time.perf_counter()
+        ip.run_line_magic("load_ext", "dreamer_magic")
+        elapsed = time.perf_counter() - t
+        heavy = [m for m in ("torch", "transformers", "datasets") if m in sys.modules]
+        print(elapsed, ",".join(heavy) or "-")
+        """
+    )
+    times, heavy = [], set()
+    for _ in range(repeat):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        times.append(float(out[0]))
+        if out[1] != "-":
+            heavy.update(out[1].split(","))
+    print(f"%load_ext dreamer_magic          median {ms(statistics.median(times))}  (target < 150 ms)")
+    print(f"  heavy modules imported by it: {sorted(heavy) or 'none (torch, transformers, datasets stay unloaded)'}")
+
+
+def shell(output: Path):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "dreamer_magic")
+    ip.run_line_magic("config", "DreamerMagics.widgets = False")
+    ip.run_line_magic("dreamer", f"output {output}")
+    return ip
+
+
+class quiet:
+    def __enter__(self):
+        self._out = sys.stdout
+        sys.stdout = open(os.devnull, "w")
+
+    def __exit__(self, *exc):
+        sys.stdout.close()
+        sys.stdout = self._out
+
+
+def bench_frame_hit(ip, work: Path, rows: int, repeat: int) -> None:
+    import joblib
+
+    frame = make_frame(rows)
+    ip.user_ns["frame"] = frame
+    cell = "kept = frame[frame.stars > 0].reset_index(drop=True)\n"
+    with quiet():
+        ip.run_cell_magic("dreamer_step", "frame-step", cell)  # the first run computes and saves
+
+        def hit():
+            ip.run_cell_magic("dreamer_step", "frame-step", cell)
+            assert ip._dreamer_magics._last_status.state == "loaded from disk"
+
+        magic = median_time(hit, repeat)
+
+    memory = joblib.Memory(str(work / "joblib"), verbose=0)
+
+    def clean(df):
+        return df[df.stars > 0].reset_index(drop=True)
+
+    cached = memory.cache(clean)
+    cached(frame)
+    jl = median_time(lambda: cached(frame), repeat)
+
+    pkl = work / "frame.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump(frame[frame.stars > 0].reset_index(drop=True), f, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def load_pickle():
+        with open(pkl, "rb") as f:
+            pickle.load(f)
+
+    pk = median_time(load_pickle, repeat)
+    print(f"hit, {rows:,}-row DataFrame in and out:")
+    print(f"  %%dreamer_step (whole magic)   {ms(magic)}")
+    print(f"  joblib.Memory cached call      {ms(jl)}   ratio joblib/magic = {jl / magic:5.2f}x  (target > 1)")
+    print(f"  pickle.load of the output      {ms(pk)}   ratio magic/pickle = {magic / pk:5.2f}x  (target <= 1.5)")
+
+
+def bench_dataset_hit(ip, work: Path, rows: int, repeat: int) -> None:
+    import datasets
+
+    source = work / "source-ds"
+    datasets.Dataset.from_pandas(make_frame(rows)).save_to_disk(str(source))
+    ds = datasets.load_from_disk(str(source))
+    ip.user_ns["ds"] = ds
+    cell = "out_ds = ds\n"
+    with quiet():
+        ip.run_cell_magic("dreamer_step", "dataset-step", cell)
+
+        def hit():
+            ip.run_cell_magic("dreamer_step", "dataset-step", cell)
+            assert ip._dreamer_magics._last_status.state == "loaded from disk"
+
+        magic = median_time(hit, repeat)
+    saved = ip.user_ns["out_ds"]
+    plain = median_time(lambda: datasets.load_from_disk(str(work / "output" / "dataset-step" / "_dataset")), repeat)
+    print(f"hit, {rows:,}-row datasets.Dataset in and out:")
+    print(f"  %%dreamer_step (whole magic)   {ms(magic)}   (target: under 30 ms of magic overhead)")
+    print(f"  datasets.load_from_disk alone  {ms(plain)}   magic overhead = {ms(magic - plain)}")
+    assert saved.num_rows == rows
+
+
+def bench_fingerprint(rows: int, repeat: int, gigabytes: float) -> None:
+    import joblib
+
+    from dreamer_magic.fingerprint import fingerprint
+
+    arr = np.random.default_rng(1).integers(0, 2**62, int(gigabytes * 2**30 / 8), dtype=np.int64)
+    t_arr = median_time(lambda: fingerprint(arr), repeat)
+    t_arr_joblib = median_time(lambda: joblib.hash(arr), max(1, repeat // 2))
+    frame = make_frame(rows)
+    t_df = median_time(lambda: fingerprint(frame), repeat)
+    t_df_joblib = median_time(lambda: joblib.hash(frame), repeat)
+    gb = arr.nbytes / 1e9
+    print(f"fingerprint {gb:.2f} GB int64 array   {ms(t_arr)}  = {gb / t_arr:6.1f} GB/s (target >= 10)  joblib.hash {ms(t_arr_joblib)} = {gb / t_arr_joblib:5.1f} GB/s")
+    print(f"fingerprint {rows:,}-row DataFrame {ms(t_df)}   joblib.hash {ms(t_df_joblib)}   ratio = {t_df_joblib / t_df:5.1f}x (target >= 3)")
+    obj = frame.astype({"text": object})
+    t_obj = median_time(lambda: fingerprint(obj), repeat)
+    t_obj_joblib = median_time(lambda: joblib.hash(obj), repeat)
+    print(f"  same frame, object text column {ms(t_obj)}   joblib.hash {ms(t_obj_joblib)}   ratio = {t_obj_joblib / t_obj:5.1f}x")
+
+
+def bench_rss(work: Path, rows: int) -> None:
+    code = textwrap.dedent(
+        f"""
+        import os, sys, threading, time, psutil, datasets
+        from IPython.core.interactiveshell import InteractiveShell
+        ip = InteractiveShell.instance()
+        ip.run_line_magic("load_ext", "dreamer_magic")
+        ip.run_line_magic("config", "DreamerMagics.widgets = False")
+        ip.run_line_magic("dreamer", "output {work / 'output'}")
+        ip.user_ns["ds"] = datasets.load_from_disk("{work / 'source-ds'}")
+        proc = psutil.Process()
+        import gc; gc.collect()
+        before = proc.memory_info().rss
+        peak = [before]
+        done = threading.Event()
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                time.sleep(0.0005)
+        t = threading.Thread(target=sample); t.start()
+        sys.stdout = open(os.devnull, "w")
+        ip.run_cell_magic("dreamer_step", "dataset-step", "out_ds = ds\\n")
+        state = ip._dreamer_magics._last_status.state
+        done.set(); t.join()
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        sys.stdout = sys.__stdout__
+        print((peak[0] - before) / 1e6, state)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()[-1].split()
+    print(f"peak RSS added by a hit on the {rows:,}-row Dataset: {float(out[0]):6.1f} MB ({' '.join(out[1:])}; target < 100 MB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--gigabytes", type=float, default=1.0)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dreamer-bench-"))
+    try:
+        bench_load_ext(args.repeat)
+        ip = shell(work / "output")
+        bench_frame_hit(ip, work, args.rows, args.repeat)
+        bench_dataset_hit(ip, work, args.rows, args.repeat)
+        bench_rss(work, args.rows)
+        bench_fingerprint(args.rows, args.repeat, args.gigabytes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
