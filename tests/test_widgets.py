@@ -1,0 +1,485 @@
+"""The status display: live widget, static HTML/text, loss curve, overview tables (SPEC §6)."""
+
+from __future__ import annotations
+
+import re
+import time
+import xml.etree.ElementTree as ET
+
+import ipywidgets
+import pytest
+from IPython.core.displaypub import CapturingDisplayPublisher
+from IPython.core.interactiveshell import InteractiveShell
+
+from dreamer_magic import widgets
+from dreamer_magic.status import (
+    FAILED,
+    INTERRUPTED,
+    LOADED,
+    RAN,
+    RESTORED,
+    RUNNING,
+    WAITING,
+    CheckpointInfo,
+    OutputInfo,
+    Status,
+    resumed_from,
+)
+from dreamer_magic.widgets import (
+    WIDGET_MIME,
+    LiveStatus,
+    StatusView,
+    TextStatus,
+    display_status,
+    human_duration,
+    human_size,
+    loss_svg,
+    render_overview,
+    render_why,
+    status_html,
+    status_text,
+)
+
+SVG_NS = "{http://www.w3.org/2000/svg}"
+ALL_STATES = [
+    RUNNING, WAITING, RAN, LOADED, RESTORED, FAILED, INTERRUPTED, resumed_from("checkpoint-300")
+]
+
+
+def a_step(**kw) -> Status:
+    s = Status(kind="step", name="clean-reviews", started=time.time() - 1.0)
+    for k, v in kw.items():
+        setattr(s, k, v)
+    return s
+
+
+def a_trainer(n_losses: int = 25, **kw) -> Status:
+    now = time.time()
+    s = Status(
+        kind="trainer",
+        name="tiny-gpt",
+        state=resumed_from("checkpoint-200"),
+        step=240,
+        max_steps=400,
+        eta=125.0,
+        losses=[(10 * i, 3.0 / (i + 1)) for i in range(n_losses)],
+        checkpoints=[
+            CheckpointInfo("checkpoint-100", 100, now - 300, 12_000_000),
+            CheckpointInfo("checkpoint-200", 200, now - 200, 12_000_000),
+            CheckpointInfo("checkpoint-300", 300, now - 100, 4_000, complete=False),
+        ],
+        resumed_from="checkpoint-200",
+        skipped_checkpoints=["checkpoint-300"],
+        model_path="output/tiny-gpt/_model",
+    )
+    for k, v in kw.items():
+        setattr(s, k, v)
+    return s
+
+
+def html_of(view: StatusView) -> str:
+    """All HTML the widget's children show."""
+    parts = []
+
+    def walk(w):
+        if isinstance(w, ipywidgets.HTML):
+            parts.append(w.value)
+        for c in getattr(w, "children", ()):
+            walk(c)
+
+    walk(view)
+    return "".join(parts)
+
+
+def parse(fragment: str) -> ET.Element:
+    """Parse generated HTML as XML: proves tags balance and attributes are quoted."""
+    return ET.fromstring(f"<root>{fragment}</root>")
+
+
+# -- human formatting ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [(None, "?"), (0, "0 B"), (512, "512 B"), (999, "999 B"), (1000, "1.0 KB"),
+     (1_234_567, "1.2 MB"), (9_960, "10 KB"), (340_000_000, "340 MB"), (999_999, "1.0 MB"),
+     (2.5e12, "2.5 TB")],
+)
+def test_human_size(n, text):
+    assert human_size(n) == text
+
+
+@pytest.mark.parametrize(
+    "s, text",
+    [(None, "?"), (float("nan"), "?"), (0, "0 ms"), (0.0001, "<1 ms"), (0.012, "12 ms"),
+     (0.038, "38 ms"),
+     (0.9996, "1.0 s"), (3.4, "3.4 s"), (42.4, "42 s"), (59.6, "1 min"), (125, "2 min 5 s"),
+     (3599.6, "1 h"), (7500, "2 h 5 min"), (3 * 86400 + 7200, "3 d 2 h")],
+)
+def test_human_duration(s, text):
+    assert human_duration(s) == text
+
+
+# -- plain text --------------------------------------------------------------------------------
+
+
+def test_text_first_line_reads_like_a_sentence():
+    s = a_step(
+        state=LOADED, duration=0.038, saved=4.2,
+        outputs=[OutputInfo("reviews", "pandas.DataFrame", "dataset", 1_234_567)],
+    )
+    assert status_text(s) == (
+        "[dreamer] step clean-reviews: loaded from disk in 38 ms (saved 4.2 s)"
+        " — outputs: reviews (pandas.DataFrame, dataset, 1.2 MB)"
+    )
+
+
+@pytest.mark.parametrize("state", ALL_STATES)
+def test_text_every_state(state):
+    error = "ValueError: bad" if state == FAILED else None
+    s = a_step(state=state, reasons=["input `raw` changed"], error=error)
+    text = status_text(s)
+    assert text.startswith(f"[dreamer] step clean-reviews: {state}")
+    assert "why: input `raw` changed" in text
+    if state == FAILED:
+        assert "error: ValueError: bad" in text
+
+
+def test_text_timing_words():
+    assert "ran in 3.4 s" in status_text(a_step(state=RAN, duration=3.4))
+    assert "failed after 2.0 s" in status_text(a_step(state=FAILED, duration=2.0))
+    assert "interrupted after 2 min 5 s" in status_text(a_step(state=INTERRUPTED, duration=125))
+    assert re.search(r"running for 1\.\d s", status_text(a_step(state=RUNNING)))
+
+
+def test_text_cache_and_notes():
+    s = a_step(
+        state=RAN, duration=1, cache={"llama-3b": [8, 2], "embed": [0, 0]}, notes=["pickled: model"]
+    )
+    text = status_text(s)
+    assert "llama-3b: 8 hits, 2 misses (80% hits)" in text
+    assert "embed: 0 hits, 0 misses (– hits)" in text
+    assert "note: pickled: model" in text
+
+
+def test_text_trainer():
+    text = status_text(a_trainer())
+    assert text.startswith("[dreamer] trainer tiny-gpt: resumed from checkpoint-200")
+    assert "step 240/400 (60%), ETA 2 min 5 s" in text
+    assert "loss 0.12 at step 240" in text
+    assert "checkpoint-300 (incomplete)" in text
+    assert "skipped checkpoints (incomplete or corrupt): checkpoint-300" in text
+    assert "model: output/tiny-gpt/_model" in text
+
+
+# -- static HTML -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ALL_STATES)
+def test_html_state_badge(state):
+    root = parse(status_html(a_step(state=state, duration=1.0)))
+    card = root.find("div")
+    assert card.get("class") == "dreamer-status"
+    assert card.get("data-state") == state and card.get("data-kind") == "step"
+    badge = root.find(".//span[@class='dreamer-state']")
+    assert badge.get("data-state") == state and badge.text == state
+
+
+def test_html_badge_colours_by_meaning():
+    colour = badge_style
+    assert widgets.GREEN in colour(LOADED) and widgets.GREEN in colour(RESTORED)
+    assert widgets.BLUE in colour(RAN) and widgets.BLUE in colour(resumed_from("checkpoint-1"))
+    assert widgets.ORANGE in colour(INTERRUPTED) and widgets.RED in colour(FAILED)
+
+
+def badge_style(state: str) -> str:
+    root = parse(status_html(a_step(state=state)))
+    return root.find(".//span[@class='dreamer-state']").get("style")
+
+
+def test_html_escapes_user_text():
+    evil = "<script>alert('x')</script>"
+    s = a_step(
+        name=evil, state=FAILED, error=f"boom {evil}", reasons=[f"input `{evil}` changed"],
+        notes=[evil], outputs=[OutputInfo(evil, evil, "pickle", 1)], cache={evil: [1, 1]},
+    )
+    out = status_html(s)
+    assert "<script>" not in out
+    root = parse(out)  # still well-formed
+    assert root.find("div").get("data-name") == evil  # attribute round-trips through escaping
+    view = StatusView(s, interval=0)
+    assert "<script>" not in html_of(view)
+    assert "<script>" not in render_why(evil, [evil]).html
+    assert "<script>" not in render_overview([{"name": evil, "state": evil}], [{"name": evil}]).html
+
+
+def test_html_reasons_outputs_cache():
+    s = a_step(
+        state=RAN, duration=4.2, reasons=["input `raw` changed", "code changed: lines 2-3"],
+        outputs=[OutputInfo("reviews", "pandas.DataFrame", "dataset", 1_234_567),
+                 OutputInfo("vocab", "dict", "json", 2_000)],
+        cache={"llama-3b": [3, 1]},
+    )
+    root = parse(status_html(s))
+    assert root.find(".//div[@class='dreamer-reasons']//code").text == "raw"
+    names = [e.get("data-name") for e in root.iter("span") if e.get("class") == "dreamer-output"]
+    assert names == ["reviews", "vocab"]
+    db = root.find(".//span[@class='dreamer-cache-db']")
+    assert (db.get("data-db"), db.get("data-hits"), db.get("data-misses")) == ("llama-3b", "3", "1")
+    text = "".join(root.itertext())
+    for fact in ("1.2 MB", "75%", "code changed: lines 2-3", "total 1.2 MB"):
+        assert fact in text
+
+
+def test_html_trainer():
+    root = parse(status_html(a_trainer()))
+    progress = root.find(".//div[@class='dreamer-progress']")
+    assert (progress.get("data-step"), progress.get("data-max-steps")) == ("240", "400")
+    assert root.find(f".//{SVG_NS}svg") is not None
+    cps = {
+        e.get("data-name"): e.get("data-complete")
+        for e in root.iter("span")
+        if e.get("class") == "dreamer-checkpoint"
+    }
+    assert cps == {"checkpoint-100": "true", "checkpoint-200": "true", "checkpoint-300": "false"}
+    text = "".join(root.itertext())
+    assert "incomplete" in text and "← resumed" in text and "ETA 2 min 5 s" in text
+    assert root.find(".//code[@class='dreamer-resumed-from']").text == "checkpoint-200"
+    assert root.find(".//code[@class='dreamer-model-path']").text == "output/tiny-gpt/_model"
+    assert "checkpoint-300" in "".join(root.find(".//div[@class='dreamer-skipped']").itertext())
+
+
+# -- loss curve --------------------------------------------------------------------------------
+
+
+def polyline_points(svg: str) -> list[tuple[float, float]]:
+    root = ET.fromstring(svg)
+    assert root.tag == f"{SVG_NS}svg"
+    line = root.find(f"{SVG_NS}polyline")
+    return [tuple(map(float, p.split(","))) for p in line.get("points").split()]
+
+
+def test_loss_svg_is_valid_with_n_points():
+    losses = [(i, 1.0 / (i + 1)) for i in range(50)]
+    svg = loss_svg(losses, width=300, height=100)
+    pts = polyline_points(svg)
+    assert len(pts) == 50
+    assert all(0 <= x <= 300 and 0 <= y <= 100 for x, y in pts)
+    assert pts[0][1] < pts[-1][1]  # falling loss: the line goes down (SVG y grows downwards)
+    labels = [t.text for t in ET.fromstring(svg).iter(f"{SVG_NS}text")]
+    assert {"loss", "step", "0", "49", "1", "0.02"} <= set(labels)
+
+
+def test_loss_svg_edge_cases():
+    assert loss_svg([]) == ""
+    assert loss_svg([(1, float("nan")), (2, float("inf"))]) == ""
+    one = ET.fromstring(loss_svg([(5, 0.5)]))
+    assert one.find(f"{SVG_NS}circle") is not None  # a single point is still visible
+    flat = loss_svg([(1, 2.0), (2, 2.0), (3, float("nan"))])
+    assert len(polyline_points(flat)) == 2  # a flat curve draws; NaN is dropped
+    many = [(i, (i % 7) / 7) for i in range(10_000)]
+    pts = polyline_points(loss_svg(many, max_points=200))
+    assert len(pts) == 200
+
+
+# -- live widget -------------------------------------------------------------------------------
+
+
+def test_view_shows_the_facts():
+    s = a_step(
+        state=LOADED, duration=0.038, saved=4.2, reasons=["input `raw` changed"],
+        outputs=[OutputInfo("reviews", "pandas.DataFrame", "dataset", 1_234_567)],
+        cache={"llama-3b": [8, 2]}, notes=["replayed 2 outputs"],
+    )
+    view = StatusView(s, interval=0)
+    assert isinstance(view, ipywidgets.VBox)
+    assert view.children == (view.header, view.details)  # no progress row for a step
+    assert "dreamer-status" in view._dom_classes
+    assert 'data-state="loaded from disk"' in view.header.value
+    assert "clean-reviews" in view.header.value and "38 ms" in view.header.value
+    assert "saved 4.2 s" in view.header.value
+    body = view.details.value
+    facts = ("<code", "raw", "reviews", "pandas.DataFrame", "1.2 MB", "llama-3b", "80%", "replayed")
+    for fact in facts:
+        assert fact in body
+    assert widgets.GREEN in view.layout.border_left
+
+
+def test_view_updates_on_change():
+    s = a_step()
+    view = StatusView(s, interval=0)
+    assert 'data-state="running"' in view.header.value
+    s.state, s.duration = RAN, 3.4
+    s.changed()
+    assert 'data-state="ran"' in view.header.value and "in 3.4 s" in view.header.value
+    s.count_cache("llama-3b", 5, 5)
+    assert "50%" in view.details.value
+    s.state, s.error = FAILED, "ZeroDivisionError: division by zero"
+    s.changed()
+    assert "dreamer-error" in view.details.value and widgets.RED in view.layout.border_left
+
+
+def test_view_throttles_but_shows_the_final_state():
+    s = a_step()
+    view = StatusView(s, interval=0.1)
+    start = view.refresh_count
+    for i in range(200):
+        s.count_cache("db", 1, 0)
+    assert view.refresh_count - start <= 3  # a burst of 200 changes is not 200 redraws
+    deadline = time.time() + 5
+    while 'data-hits="200"' not in view.details.value and time.time() < deadline:
+        time.sleep(0.02)
+    assert 'data-hits="200"' in view.details.value  # the trailing refresh shows the last change
+
+
+def test_view_finish_flushes_pending_change():
+    s = a_step()
+    view = StatusView(s, interval=60)
+    s.state = RAN
+    s.changed()
+    assert 'data-state="running"' in view.header.value  # held back by the throttle
+    view.finish()
+    assert 'data-state="ran"' in view.header.value
+    assert view._timer is None
+
+
+def test_trainer_view_progress_and_curve():
+    s = a_trainer(n_losses=12)
+    view = StatusView(s, interval=0)
+    assert view.progress_row in view.children
+    assert isinstance(view.progress, ipywidgets.IntProgress)
+    assert (view.progress.value, view.progress.max) == (240, 400)
+    assert view.progress_row.layout.display is None
+    assert "ETA 2 min 5 s" in view.progress_label.value and "loss" in view.progress_label.value
+    svg = parse(view.details.value).find(f".//div[@class='dreamer-loss-curve']/{SVG_NS}svg")
+    assert len(polyline_points(ET.tostring(svg, encoding="unicode"))) == 12
+    assert "checkpoint-200" in view.details.value and "incomplete" in view.details.value
+    s.step, s.state, s.duration = 400, RAN, 60.0
+    s.losses.append((400, 0.05))
+    s.changed()
+    assert view.progress.value == 400 and view.progress.bar_style == "success"
+    assert len(polyline_points(loss_svg(s.losses))) == 13
+
+
+def test_trainer_view_hides_progress_until_known():
+    s = Status(kind="trainer", name="t")
+    view = StatusView(s, interval=0)
+    assert view.progress_row.layout.display == "none"
+    s.step, s.max_steps = 0, 10
+    s.changed()
+    assert view.progress_row.layout.display is None and view.progress.bar_style == "info"
+    s.state = INTERRUPTED
+    s.changed()
+    assert view.progress.bar_style == "warning"
+
+
+def test_mimebundle_has_widget_text_and_html():
+    s = a_trainer(duration=60.0)
+    view = StatusView(s, interval=0)
+    bundle = view._repr_mimebundle_()
+    assert bundle[WIDGET_MIME]["model_id"] == view.model_id
+    assert bundle["text/plain"] == status_text(s)
+    assert bundle["text/html"] == status_html(s)
+    assert "<svg" in bundle["text/html"]
+
+
+# -- display_status ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ip():
+    shell = InteractiveShell.instance()
+    return shell
+
+
+def test_display_status_in_plain_shell_prints_text_once(ip, capsys):
+    assert not widgets.widgets_supported()
+    s = a_step()
+    handle = display_status(s)
+    assert isinstance(handle, TextStatus)
+    assert capsys.readouterr().out == ""  # nothing until the cell ends
+    s.state, s.duration = RAN, 1.5
+    handle.finish()
+    handle.finish()
+    assert capsys.readouterr().out == "[dreamer] step clean-reviews: ran in 1.5 s\n"
+
+
+def test_text_status_says_early_that_it_waits(ip, capsys):
+    s = a_step()
+    handle = display_status(s, live=False)
+    s.state = WAITING
+    s.changed()
+    s.changed()
+    assert capsys.readouterr().out == "[dreamer] step clean-reviews: waiting for another kernel …\n"
+    s.state, s.duration, s.saved = LOADED, 0.01, 3.0
+    handle.finish()
+    assert capsys.readouterr().out.startswith("[dreamer] step clean-reviews: loaded from disk in 10 ms")
+
+
+def test_display_status_live_publishes_widget_and_final_state(ip, monkeypatch):
+    pub = CapturingDisplayPublisher()
+    monkeypatch.setattr(ip, "display_pub", pub)
+    s = a_step()
+    with display_status(s, live=True, interval=60) as handle:
+        assert isinstance(handle, LiveStatus)
+        first = pub.outputs[0]
+        assert WIDGET_MIME in first["data"] and "running" in first["data"]["text/plain"]
+        s.state, s.duration = LOADED, 0.02
+        s.changed()
+    assert 'data-state="loaded from disk"' in handle.view.header.value  # finish() flushed
+    last = pub.outputs[-1]
+    assert last["update"] is True
+    assert last["transient"]["display_id"] == first["transient"]["display_id"]
+    assert "loaded from disk in 20 ms" in last["data"]["text/plain"]
+    assert 'data-state="loaded from disk"' in last["data"]["text/html"]
+
+
+# -- %dreamer status / why ---------------------------------------------------------------------
+
+
+def test_render_overview():
+    rows = [
+        {"name": "clean-reviews", "kind": "step", "state": "complete", "size": 1_234_567,
+         "backups": 2, "fingerprint": "0123456789abcdef0123", "created": "2024-05-01T12:03:04"},
+        {"name": "tiny-gpt", "kind": "trainer", "state": "incomplete", "size": None, "backups": 0,
+         "fingerprint": "", "created": time.time()},
+    ]
+    caches = [
+        {"name": "llama-3b-ab12", "rows": 120, "size": 40_960, "hits": 90, "misses": 30,
+         "hit_rate": 0.75},
+        {"name": "embed", "rows": 0, "size": 0, "hits": 0, "misses": 0},
+    ]
+    r = render_overview(rows, caches, folder="output")
+    lines = r.text.splitlines()
+    assert lines[0] == "dreamer output folder output"
+    header = next(line for line in lines if line.startswith("name"))
+    assert header.split() == ["name", "kind", "state", "size", "backups", "fingerprint", "created"]
+    row = next(line for line in lines if line.startswith("clean-reviews"))
+    expected = ["clean-reviews", "step", "complete", "1.2", "MB", "2", "0123456789ab"]
+    assert row.split()[:7] == expected
+    assert "2024-05-01 12:03:04" in row
+    cache_line = next(line for line in lines if line.startswith("llama-3b-ab12"))
+    assert cache_line.split() == ["llama-3b-ab12", "120", "41", "KB", "90", "30", "75%"]
+    assert next(line for line in lines if line.startswith("embed")).split()[-1] == "–"
+    root = parse(r.html)
+    states = [e.get("data-state") for e in root.iter("span") if e.get("class") == "dreamer-state"]
+    assert states == ["complete", "incomplete"]
+    assert root.find(".//table[@class='dreamer-caches']") is not None
+    bundle = r._repr_mimebundle_()
+    assert bundle == {"text/plain": r.text, "text/html": r.html} and str(r) == r.text
+
+
+def test_render_overview_empty():
+    r = render_overview([], [])
+    assert "no steps or trainers yet" in r.text and "no steps or trainers yet" in r.html
+    parse(r.html)
+
+
+def test_render_why():
+    r = render_why("clean-reviews", ["input `raw` changed", "code changed: lines 2-3"])
+    assert r.text == "why clean-reviews:\n  - input `raw` changed\n  - code changed: lines 2-3"
+    root = parse(r.html)
+    items = ["".join(li.itertext()) for li in root.iter("li")]
+    assert items == ["input raw changed", "code changed: lines 2-3"]
+    assert root.find(".//li/code").text == "raw"
+    assert "nothing changed" in render_why("x", []).text
