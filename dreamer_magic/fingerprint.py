@@ -467,12 +467,6 @@ class Hasher:
             self.klass(type(value))
             self.value({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
             return
-        module = type(value).__module__ or ""
-        if module.startswith("torch") and _is_torch_module(value):
-            self.tag("torch.nn.Module")
-            self.klass(type(value))
-            self.value(dict(value.state_dict()))
-            return
         try:
             reduced = value.__reduce_ex__(4)
         except Exception as e:
@@ -500,6 +494,187 @@ class Hasher:
             self.value(list(listitems))
         if dictitems is not None:
             self.value(dict(dictitems))
+
+
+# -- models, tokenizers, optimizers: by what they compute, not how they were loaded ---------------
+
+# Config entries that say where a model came from or how it is run, not what it computes.
+VOLATILE_CONFIG = {"transformers_version", "architectures", "dtype", "torch_dtype", "use_cache"}
+_OPTIMIZER_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial", "base_lrs"}
+
+
+def json_safe(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def config_data(config: Any) -> Any:
+    """A model config as JSON, less bookkeeping (private keys, versions, the path it came from)."""
+    if config is None:
+        return None
+    data = config.to_dict() if callable(getattr(config, "to_dict", None)) else dict(config)
+    return json_safe({k: v for k, v in data.items() if not k.startswith("_") and k not in VOLATILE_CONFIG})
+
+
+def class_id(cls: type) -> str:
+    """A class by its import path, or by its source when it is defined in the notebook."""
+    return fingerprint(cls) if _is_user_code(cls) else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def sentence_transformer_modules(model: Any) -> list:
+    if type(model).__name__ == "SentenceTransformer" and hasattr(model, "_modules"):
+        return list(model._modules.values())
+    return []
+
+
+def _tensor_state(model: Any) -> tuple:
+    """A cheap check that changes when a parameter or buffer is replaced or modified.
+
+    Version counters catch in-place ops on the tensors, but not updates through ``.data``
+    (which some optimizers and trainers use), so a strided sample of every tensor's values
+    is compared too: a training step moves (nearly) every weight.
+    """
+    import torch
+
+    tensors = [*model.parameters(), *model.buffers()]
+    with torch.no_grad():
+        samples = [t.detach().reshape(-1)[:: max(1, t.numel() // 16)].float() for t in tensors if t.numel()]
+        sample = torch.cat(samples).cpu().numpy().tobytes() if samples else b""
+    return tuple((t.data_ptr(), t._version) for t in tensors), xxhash.xxh3_64_hexdigest(sample)
+
+
+class _Memo:
+    """Digests of big objects, reused while a cheap state check says they did not change."""
+
+    def __init__(self) -> None:
+        import weakref
+
+        self.known: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get(self, obj: Any, state: Any) -> str | None:
+        try:
+            known = self.known.get(obj)
+        except TypeError:
+            return None
+        return known[1] if known is not None and known[0] == state else None
+
+    def put(self, obj: Any, state: Any, digest: str) -> str:
+        try:
+            self.known[obj] = (state, digest)
+        except TypeError:
+            pass
+        return digest
+
+    def clear(self) -> None:
+        self.known.clear()
+
+
+MODEL_MEMO = _Memo()
+TOKENIZER_MEMO = _Memo()
+
+
+def model_fingerprint(model: Any) -> str:
+    """A torch model by class, config, generation config and every tensor; train/eval mode does not count.
+
+    Examples
+    --------
+    >>> model_fingerprint(model)  # doctest: +SKIP
+    '0f3a…'
+
+    Computed once per model object and reused until its config or a parameter or buffer
+    changes (checked cheaply: version counters plus a sample of every tensor), so the
+    weights are hashed again only after a change. A trained model and the same model
+    loaded back with ``from_pretrained`` fingerprint alike.
+    """
+    data: dict[str, Any] = {"class": class_id(type(model)), "config": config_data(getattr(model, "config", None))}
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        data["generation_config"] = config_data(generation)
+    state = (_tensor_state(model), repr(data))
+    known = MODEL_MEMO.get(model, state)
+    if known is not None:
+        return known
+    modules = []
+    for sub in sentence_transformer_modules(model):
+        entry: dict[str, Any] = {"class": type(sub).__qualname__}
+        if hasattr(sub, "get_config_dict"):
+            entry["config"] = json_safe(sub.get_config_dict())
+        if hasattr(sub, "auto_model"):
+            entry["model_config"] = config_data(getattr(sub.auto_model, "config", None))
+        if hasattr(sub, "tokenizer"):
+            entry["tokenizer"] = tokenizer_fingerprint(sub.tokenizer)
+        modules.append(entry)
+    if modules:
+        data["modules"] = modules
+        data["max_seq_length"] = getattr(model, "max_seq_length", None)
+    data["weights"] = dict(model.state_dict())
+    return MODEL_MEMO.put(model, state, fingerprint(data))
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A tokenizer by class, definition (backend JSON or vocabulary), special tokens and sides.
+
+    Examples
+    --------
+    >>> tokenizer_fingerprint(tokenizer)  # doctest: +SKIP
+    '9b1c…'
+
+    Padding and truncation settings that tokenizing a batch switches on do not count, nor do
+    the keyword arguments it was loaded with (where from, local or not).
+    """
+    import json
+
+    if tokenizer is None:
+        return fingerprint(None)
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        size = None
+    special = getattr(tokenizer, "special_tokens_map", {}) or {}
+    state = (size, repr(special), getattr(tokenizer, "chat_template", None))
+    known = TOKENIZER_MEMO.get(tokenizer, state)
+    if known is not None:
+        return known
+    data: dict[str, Any] = {
+        "class": class_id(type(tokenizer)),
+        "special": {k: str(v) for k, v in special.items()},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "sides": [getattr(tokenizer, "padding_side", None), getattr(tokenizer, "truncation_side", None)],
+    }
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        backend_json = json.loads(backend.to_str())
+        backend_json.pop("padding", None)
+        backend_json.pop("truncation", None)
+        data["backend"] = backend_json
+    elif hasattr(tokenizer, "get_vocab"):
+        data["vocab"] = sorted(tokenizer.get_vocab().items())
+    data["model_max_length"] = json_safe(getattr(tokenizer, "model_max_length", None))
+    return TOKENIZER_MEMO.put(tokenizer, state, fingerprint(data))
+
+
+def _torch_module(h: Hasher, value: Any) -> None:
+    h.tag("model")
+    h.str_(model_fingerprint(value))
+
+
+def _tokenizer(h: Hasher, value: Any) -> None:
+    h.tag("tokenizer")
+    h.str_(tokenizer_fingerprint(value))
+
+
+def _optimizer(h: Hasher, value: Any) -> None:
+    """Optimizers count by class and settings, not by running state (which training changes)."""
+    h.tag("optimizer")
+    h.str_(class_id(type(value)))
+    h.value(json_safe(value.defaults))
+
+
+def _scheduler(h: Hasher, value: Any) -> None:
+    h.tag("lr-scheduler")
+    h.str_(class_id(type(value)))
+    h.value(json_safe({k: v for k, v in value.state_dict().items() if k not in _OPTIMIZER_PROGRESS}))
 
 
 def fingerprint_in(parent: Hasher, value: Any) -> str:
@@ -566,11 +741,6 @@ def _dict_items(value: dict) -> list:
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _is_torch_module(value: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(value, torch.nn.Module)
 
 
 def functools_partial() -> type:
@@ -650,6 +820,12 @@ _HANDLERS: list[tuple[Callable[[Any], bool], Callable[[Hasher, Any], None]]] = [
     (_module_isinstance("datasets", "Dataset"), Hasher.dataset),
     (_module_isinstance("datasets", "DatasetDict"), lambda h, v: (h.tag("datasets.DatasetDict"), h.value(dict(v)))),
     (_module_isinstance("torch", "Tensor"), Hasher.tensor),
+    (_module_isinstance("torch", "nn.Module"), _torch_module),
+    (_module_isinstance("torch", "optim.Optimizer"), _optimizer),
+    (_module_isinstance("torch", "optim.lr_scheduler.LRScheduler"), _scheduler),
+    (_module_isinstance("torch", "dtype"), lambda h, v: (h.tag("torch.dtype"), h.str_(str(v)))),
+    (_module_isinstance("torch", "device"), lambda h, v: (h.tag("torch.device"), h.str_(str(v)))),
+    (_module_isinstance("transformers", "PreTrainedTokenizerBase"), _tokenizer),
     (lambda v: isinstance(v, (list, tuple)), Hasher._sequence),
     (lambda v: isinstance(v, dict), Hasher._dict),
     (lambda v: isinstance(v, (set, frozenset)), Hasher._set),

@@ -301,7 +301,13 @@ class DreamerMagics(Magics):
                 ],
             )
         source, args, kind = remembered
-        lines = steps.explain(
+        if kind == "trainer":
+            from . import trainers
+
+            explain = trainers.explain
+        else:
+            explain = steps.explain
+        lines = explain(
             name, source, self.shell.user_ns, meta, problem,
             inputs=_names(args.inputs), version=args.version, exclude=self._hidden_names(), kind=kind,
         )

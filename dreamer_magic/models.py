@@ -36,7 +36,6 @@ import functools
 import inspect
 import json
 import os
-import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -58,141 +57,8 @@ _RESERVED_GENERATE = {
     "input_ids": "pass prompts as strings",
     "attention_mask": "pass prompts as strings",
 }
-# Config entries that say where a model came from, not what it computes.
-_VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset"}
-
-
-# -- fingerprints of models and tokenizers ----------------------------------------------------------
-_model_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_tokenizer_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _tensor_versions(model: Any) -> tuple:
-    """Changes whenever a parameter or buffer is modified in place or replaced (training, load)."""
-    return tuple(
-        (t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers())
-    )
-
-
-def _config_json(config: Any) -> Any:
-    if config is None:
-        return None
-    data = json.loads(config.to_json_string(use_diff=False)) if hasattr(config, "to_json_string") else dict(config)
-    return {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG}
-
-
-def model_fingerprint(model: Any) -> str:
-    """The fingerprint of a torch model: class, config, generation config and every tensor.
-
-    Examples
-    --------
-    >>> model_fingerprint(model)  # doctest: +SKIP
-    '0f3a…'
-
-    Computed once per model object and reused until its config, its generation config, or
-    a parameter or buffer changes (in-place training and ``load_state_dict`` bump torch's
-    version counters). Those are checked on each use, which is cheap; the tensors are only
-    hashed again after a change.
-    """
-    from .fingerprint import fingerprint
-
-    data: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
-    if hasattr(model, "config"):
-        data["config"] = _config_json(model.config)
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        data["generation_config"] = _config_json(generation_config)
-    # what can change without touching a tensor: checked on every use, cheaply
-    state = (_tensor_versions(model), json.dumps(data, sort_keys=True, default=str))
-    try:
-        known = _model_fingerprints.get(model)
-    except TypeError:
-        known = None
-    if known is not None and known[0] == state:
-        return known[1]
-    submodules = []
-    for sub in _sentence_transformer_modules(model):
-        entry: dict[str, Any] = {"class": type(sub).__qualname__}
-        if hasattr(sub, "get_config_dict"):
-            entry["config"] = json.loads(json.dumps(sub.get_config_dict(), default=str, sort_keys=True))
-        if hasattr(sub, "auto_model"):
-            entry["model_config"] = _config_json(getattr(sub.auto_model, "config", None))
-        if hasattr(sub, "tokenizer"):
-            entry["tokenizer"] = tokenizer_fingerprint(sub.tokenizer)
-        submodules.append(entry)
-    if submodules:
-        data["modules"] = submodules
-        data["max_seq_length"] = getattr(model, "max_seq_length", None)
-    data["state"] = dict(model.state_dict())
-    digest = fingerprint(data)
-    try:
-        _model_fingerprints[model] = (state, digest)
-    except TypeError:
-        pass
-    return digest
-
-
-def _sentence_transformer_modules(model: Any) -> list:
-    if type(model).__name__ == "SentenceTransformer" and hasattr(model, "_modules"):
-        return list(model._modules.values())
-    return []
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """The fingerprint of a tokenizer: its class, backend JSON (or vocabulary), special tokens.
-
-    Examples
-    --------
-    >>> tokenizer_fingerprint(tokenizer)  # doctest: +SKIP
-    '9b1c…'
-    """
-    from .fingerprint import fingerprint
-
-    if tokenizer is None:
-        return fingerprint(None)
-    state = (
-        _safe_len(tokenizer),
-        repr(getattr(tokenizer, "special_tokens_map", None)),
-        getattr(tokenizer, "chat_template", None),
-    )
-    try:
-        known = _tokenizer_fingerprints.get(tokenizer)
-    except TypeError:
-        known = None
-    if known is not None and known[0] == state:
-        return known[1]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    data: dict[str, Any] = {
-        "class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
-        "special": {k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()},
-        "chat_template": getattr(tokenizer, "chat_template", None),
-    }
-    if backend is not None and hasattr(backend, "to_str"):
-        backend_json = json.loads(backend.to_str())
-        # padding and truncation are per-call settings that tokenizing a batch switches on
-        backend_json.pop("padding", None)
-        backend_json.pop("truncation", None)
-        data["backend"] = backend_json
-    elif hasattr(tokenizer, "get_vocab"):
-        data["vocab"] = sorted(tokenizer.get_vocab().items())
-    if hasattr(tokenizer, "init_kwargs"):
-        data["options"] = {
-            k: v for k, v in tokenizer.init_kwargs.items()
-            if isinstance(v, (str, int, float, bool, type(None))) and "name_or_path" not in k
-        }
-    digest = fingerprint(data)
-    try:
-        _tokenizer_fingerprints[tokenizer] = (state, digest)
-    except TypeError:
-        pass
-    return digest
-
-
-def _safe_len(tokenizer: Any) -> int | None:
-    try:
-        return len(tokenizer)
-    except TypeError:
-        return None
+# Models and tokenizers are fingerprinted once, canonically, in fingerprint.py.
+from .fingerprint import model_fingerprint, sentence_transformer_modules as _sentence_transformer_modules, tokenizer_fingerprint  # noqa: E402
 
 
 def _model_name(model: Any, path: str | os.PathLike | None = None) -> str:

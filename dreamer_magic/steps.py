@@ -248,7 +248,7 @@ class StepRun:
         status.folder = str(self.final)
         started = time.perf_counter()
         self.out.ensure()
-        components = components_of(self.spec)
+        components = self.components()
         fp = fingerprint_of(components)
         status.fingerprint = fp
         status.changed()
@@ -318,12 +318,20 @@ class StepRun:
         self._previous_location = self.final
         return read_meta(self.final, self.meta_file)
 
-    def _load(self, folder: Path, meta: dict, state: str, started: float) -> dict[str, Any]:
+    def components(self) -> dict[str, Any]:
+        """The fingerprint components of this run (trainers count models by their weights)."""
+        return components_of(self.spec)
+
+    def _load_values(self, folder: Path, entries: dict) -> dict[str, Any]:
+        """Load the saved outputs (trainers load models with ``from_pretrained``)."""
         from .storage import load_outputs
 
+        return load_outputs(folder, entries, allow_pickle=self.spec.allow_pickle)
+
+    def _load(self, folder: Path, meta: dict, state: str, started: float) -> dict[str, Any]:
         status = self.status
         entries = meta.get("outputs") or {}
-        values = load_outputs(folder, entries, allow_pickle=self.spec.allow_pickle)
+        values = self._load_values(folder, entries)
         self._note_outputs(folder, entries)
         self._mark_lineage(meta["fingerprint"], values)
         status.state = state

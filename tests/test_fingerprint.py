@@ -220,3 +220,42 @@ def test_deterministic_for_any_json_value(value):
     import copy
 
     assert fingerprint(value) == fingerprint(copy.deepcopy(value))
+
+
+def test_models_tokenizers_and_optimizers_by_what_they_compute(tmp_path):
+    import torch
+    from _tiny import tiny_gpt2
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = tiny_gpt2()
+    first = fingerprint(model)
+    model.train()
+    assert fingerprint(model) == first, "train/eval mode does not count"
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert fingerprint(AutoModelForCausalLM.from_pretrained(tmp_path)) == first, "reloaded: same fingerprint"
+    assert fingerprint(AutoTokenizer.from_pretrained(tmp_path)) == fingerprint(tok)
+    tok(["a", "bb"], padding=True, truncation=True)  # switches per-call settings on
+    assert fingerprint(AutoTokenizer.from_pretrained(tmp_path)) == fingerprint(tok)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert fingerprint(model) != first, "weights changed in place"
+    assert fingerprint(torch.float16) != fingerprint(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt_fp = fingerprint(opt)
+    model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    opt.step()
+    assert fingerprint(opt) == opt_fp, "running state does not count"
+    assert fingerprint(torch.optim.AdamW(model.parameters(), lr=2e-3)) != opt_fp
+
+
+def test_a_model_trained_through_data_is_seen_to_change():
+    """Updates through ``.data`` do not bump version counters; the memo must notice anyway."""
+    import torch
+    from _tiny import tiny_gpt2
+
+    model, _ = tiny_gpt2()
+    first = fingerprint(model)
+    for p in model.parameters():
+        p.data.add_(0.01)
+    assert fingerprint(model) != first

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _tiny import save_tiny_gpt2, tiny_gpt2  # noqa: E402
 
-from dreamer_magic import cache  # noqa: E402
+from dreamer_magic import cache, fingerprint  # noqa: E402
 from dreamer_magic.errors import CacheMissError, DreamerError  # noqa: E402
 from dreamer_magic.models import LLM, Embedder, cached  # noqa: E402
 
@@ -65,8 +65,8 @@ def new_kernel(llm, tmp_path):
     from dreamer_magic import models
 
     cache._open.clear()
-    models._model_fingerprints.clear()
-    models._tokenizer_fingerprints.clear()
+    fingerprint.MODEL_MEMO.clear()
+    fingerprint.TOKENIZER_MEMO.clear()
     fresh = LLM(llm.model, llm.tokenizer, name="gpt2-tiny", output_folder=tmp_path / "output")
     fresh.counter = llm.counter
     return fresh
