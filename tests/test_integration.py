@@ -34,3 +34,19 @@ def test_a_step_shows_the_generation_cache_hits_and_misses_of_its_cell(ip, tiny,
 
     overview = ip.run_line_magic("dreamer", "status")._repr_mimebundle_()["text/plain"]
     assert db in overview and "answer" in overview
+
+
+def test_a_step_that_reads_a_model_hits_until_the_weights_change(ip, tiny):
+    import torch
+
+    model, tok = tiny
+    ip.user_ns.update(model=model, tok=tok)
+    cell = "n_params = sum(p.numel() for p in model.parameters())\nvocab = len(tok)\n"
+    ip.run_cell_magic("dreamer_step", "count", cell)
+    ip.run_cell_magic("dreamer_step", "count", cell)
+    assert ip._dreamer_magics._last_status.state == "loaded from disk"
+    with torch.no_grad():
+        next(model.parameters()).mul_(2.0)
+    ip.run_cell_magic("dreamer_step", "count", cell)
+    status = ip._dreamer_magics._last_status
+    assert status.state == "ran" and "input `model` changed" in status.reasons
