@@ -184,24 +184,45 @@ class DreamerMagics(Magics):
 
     @contextlib.contextmanager
     def _capture_displays(self, records: list) -> Iterator[None]:
-        """Record rich outputs (HTML, images, plots) while still showing them."""
+        """Record rich outputs (HTML, images, plots, the last expression's value) while still showing them.
+
+        Live widgets (progress bars, say) are not recorded: replayed later they would be a
+        frozen snapshot of their first state. In a terminal the last expression's value is
+        printed to stdout, which is recorded already.
+        """
+
+        def record(data: dict | None, metadata: dict | None) -> None:
+            if data and not any("widget-view" in k or "widget-state" in k for k in data):
+                records.append({"data": dict(data), "metadata": metadata or {}})
+
         pub = self.shell.display_pub
-        original = pub.publish
+        hook = self.shell.displayhook
+        original_publish = pub.publish
+        original_write = hook.write_format_data
 
         def publish(data: dict, metadata: dict | None = None, *a: Any, **kw: Any) -> Any:
-            kept = {k: v for k, v in (data or {}).items() if "widget-view" not in k and "widget-state" not in k}
-            if kept and not kw.get("transient"):
-                records.append({"data": kept, "metadata": metadata or {}})
-            return original(data, metadata, *a, **kw)
+            if not kw.get("transient"):
+                record(data, metadata)
+            return original_publish(data, metadata, *a, **kw)
 
-        pub.publish = publish
+        def write_format_data(format_dict: dict, md_dict: dict | None = None) -> Any:
+            record(format_dict, md_dict)
+            return original_write(format_dict, md_dict)
+
+        patches = [(pub, "publish", publish)]
+        if type(hook).__name__.startswith("ZMQ"):
+            patches.append((hook, "write_format_data", write_format_data))
+        saved = [(obj, name, vars(obj).get(name)) for obj, name, _ in patches]
+        for obj, name, wrapper in patches:
+            setattr(obj, name, wrapper)
         try:
             yield
-        finally:
-            with contextlib.suppress(AttributeError):
-                del pub.publish
-            if pub.publish is not original and getattr(pub.publish, "__func__", None) is not getattr(original, "__func__", None):
-                pub.publish = original
+        finally:  # put back exactly what was there (an outer step's wrapper, or nothing)
+            for obj, name, before in saved:
+                if before is None:
+                    vars(obj).pop(name, None)
+                else:
+                    setattr(obj, name, before)
 
     def _replay(self, records: list) -> None:
         from IPython.display import publish_display_data

@@ -247,8 +247,15 @@ class StepRun:
         status.state = RUNNING
         status.folder = str(self.final)
         started = time.perf_counter()
-        self.out.ensure()
-        components = self.components()
+        try:
+            self.out.ensure()
+            components = self.components()
+        except BaseException as e:  # e.g. an input that cannot be fingerprinted
+            status.state = FAILED
+            status.error = _describe(e)
+            status.duration = time.perf_counter() - started
+            status.changed()
+            raise
         fp = fingerprint_of(components)
         status.fingerprint = fp
         status.changed()

@@ -203,6 +203,7 @@ def test_unfingerprintable_input_is_named(ip):
     ip.user_ns["lock"] = threading.Lock()
     with pytest.raises(UsageError, match=r"input 'lock' \(_thread.lock\).*--inputs"):
         ip.run_cell_magic("dreamer_step", "locked", "with lock:\n    y = 1\n")
+    assert status_of(ip).state == "failed" and "lock" in status_of(ip).error
 
 
 def test_unsaveable_output_is_a_clear_error_and_nothing_is_written(ip, tmp_path):
