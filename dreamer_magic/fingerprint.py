@@ -18,6 +18,7 @@ True
 from __future__ import annotations
 
 import ast
+import copyreg
 import dataclasses
 import enum
 import inspect
@@ -204,9 +205,11 @@ class Hasher:
     def _dict(self, value: dict) -> None:
         def body() -> None:
             self.tag("dict" if type(value) is dict else _qualname(type(value)))
-            items = sorted(
-                (fingerprint_in(self, k), k, v) for k, v in _dict_items(value)
-            ) if len(value) else []
+            items = [(fingerprint_in(self, k), k, v) for k, v in _dict_items(value)]
+            if len({kd for kd, _, _ in items}) < len(items):  # keys that look alike: order by value too
+                items.sort(key=lambda item: (item[0], fingerprint_in(self, item[2])))
+            else:
+                items.sort(key=lambda item: item[0])
             self.int_(len(items))
             for kd, _, v in items:
                 self.bytes_(kd.encode())
@@ -224,7 +227,7 @@ class Hasher:
         if arr.dtype.hasobject:
             self._object_values(arr.ravel(order="C"))
         else:
-            self.bytes_(memoryview(np.ascontiguousarray(arr)).cast("B"))
+            self.bytes_(_buffer(arr))
 
     def _object_values(self, flat: Any) -> None:
         """Object arrays: a fast path for all-``str`` data, element-wise otherwise."""
@@ -263,7 +266,7 @@ class Hasher:
             if arr.dtype.hasobject:
                 self._object_values(arr)
             else:
-                self.bytes_(memoryview(np.ascontiguousarray(arr)).cast("B"))
+                self.bytes_(_buffer(arr))
         elif isinstance(dtype, pd.CategoricalDtype):
             self.tag("categorical")
             self.value(dtype.ordered)
@@ -382,6 +385,12 @@ class Hasher:
             self.value(fn.__func__)
             self.value(fn.__self__)
             return
+        bound_to = getattr(fn, "__self__", None)
+        if isinstance(fn, types.BuiltinMethodType) and bound_to is not None and not isinstance(bound_to, types.ModuleType):
+            self.tag("builtin-method")  # e.g. a compiled regex's .sub, a dict's .get
+            self.str_(fn.__name__)
+            self.value(bound_to)
+            return
         if not isinstance(fn, types.FunctionType) or not _is_user_code(fn):
             self.tag("library-callable")
             self.str_(getattr(fn, "__module__", None) or "")
@@ -448,11 +457,17 @@ class Hasher:
         self.str_(cls.__qualname__)
         try:
             self.str_(normalise_source(inspect.getsource(cls)))
-        except (OSError, TypeError):
+        except (OSError, TypeError):  # no source (older Pythons, for notebook classes)
+            self.value(cls.__bases__)
             for name, attr in sorted(vars(cls).items()):
-                if isinstance(attr, (types.FunctionType, staticmethod, classmethod, property)):
-                    self.str_(name)
-                    self.value(getattr(attr, "__func__", attr) if not isinstance(attr, property) else attr.fget)
+                if name.startswith("__") and name.endswith("__"):
+                    continue
+                self.str_(name)
+                if isinstance(attr, (staticmethod, classmethod)):
+                    attr = attr.__func__
+                elif isinstance(attr, property):
+                    attr = (attr.fget, attr.fset)
+                self.value(attr)
 
     # -- anything else ------------------------------------------------------------
     def _generic(self, value: Any) -> None:
@@ -468,7 +483,8 @@ class Hasher:
             self.value({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
             return
         try:
-            reduced = value.__reduce_ex__(4)
+            reducer = copyreg.dispatch_table.get(type(value))  # e.g. re.Pattern registers one
+            reduced = reducer(value) if reducer is not None else value.__reduce_ex__(4)
         except Exception as e:
             raise FingerprintError(
                 f"a {_qualname(type(value))} cannot be fingerprinted: {e}"
@@ -632,7 +648,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     except TypeError:
         size = None
     special = getattr(tokenizer, "special_tokens_map", {}) or {}
-    state = (size, repr(special), getattr(tokenizer, "chat_template", None))
+    state = (
+        size,
+        repr(special),
+        getattr(tokenizer, "chat_template", None),
+        getattr(tokenizer, "padding_side", None),
+        getattr(tokenizer, "truncation_side", None),
+        repr(getattr(tokenizer, "model_max_length", None)),
+    )
     known = TOKENIZER_MEMO.get(tokenizer, state)
     if known is not None:
         return known
@@ -688,7 +711,7 @@ def fingerprint_in(parent: Hasher, value: Any) -> str:
 
 
 class _Lineage:
-    """Datasets that are the unchanged output of a step, by identity (datasets are immutable)."""
+    """Datasets that are the unchanged output of a step, by identity."""
 
     def __init__(self) -> None:
         import weakref
@@ -697,15 +720,20 @@ class _Lineage:
 
     def set(self, obj: Any, key: str) -> None:
         try:
-            self._map[obj] = key
+            self._map[obj] = (key, getattr(obj, "_fingerprint", None))
         except TypeError:
             pass
 
     def get(self, obj: Any) -> str | None:
+        """The step's key while the object is unchanged (``set_format`` and friends change a
+        dataset in place, and its ``_fingerprint`` with it)."""
         try:
-            return self._map.get(obj)
+            entry = self._map.get(obj)
         except TypeError:
             return None
+        if entry is None or entry[1] != getattr(obj, "_fingerprint", None):
+            return None
+        return entry[0]
 
 
 LINEAGE = _Lineage()
@@ -733,6 +761,16 @@ def _source_of(code: types.CodeType) -> str | None:
     except SyntaxError:  # a lambda inside an expression, for instance
         return None
     return source
+
+
+def _buffer(arr: Any) -> memoryview:
+    """The raw bytes of a numpy array (datetime/timedelta through their int64 view: numpy will
+    not export those dtypes as buffers; the dtype string, with its unit, is hashed apart)."""
+    import numpy as np
+
+    if arr.dtype.kind in "mM":
+        arr = arr.view(np.int64)
+    return memoryview(np.ascontiguousarray(arr)).cast("B")
 
 
 def _dict_items(value: dict) -> list:

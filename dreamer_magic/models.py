@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import cache as _cache
 from .cache import canonical_json, json_str, jsonable, request_key
@@ -335,14 +336,20 @@ class LLM:
         import torch
 
         tokenizer = self.tokenizer
-        if tokenizer.pad_token_id is None:
+        # borrowed settings, put back afterwards: the user's tokenizer (and so its fingerprint
+        # and the cache database it selects) must not change because we generated with it
+        borrowed_pad = tokenizer.pad_token_id is None
+        if borrowed_pad:
             tokenizer.pad_token = tokenizer.eos_token
+        pad_token_id = tokenizer.pad_token_id
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
         try:
             encoded = tokenizer(prompts, return_tensors="pt", padding=True)
         finally:
             tokenizer.padding_side = side
+            if borrowed_pad:
+                tokenizer.pad_token = None
         device = _device_of(self.model)
         encoded = {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
         config = copy.deepcopy(getattr(self.model, "generation_config", None))
@@ -351,7 +358,7 @@ class LLM:
             "do_sample": False,  # sampling, when asked for, is done by the row sampler below
             "num_beams": extra.pop("num_beams", 1),
             "max_new_tokens": args["max_new_tokens"],
-            "pad_token_id": tokenizer.pad_token_id,
+            "pad_token_id": pad_token_id,
         }
         if config is not None:
             config.temperature = config.top_p = config.top_k = config.max_length = None
@@ -368,7 +375,7 @@ class LLM:
             kwargs["logits_processor"] = _row_sampler(
                 seeds, args["temperature"], args["top_p"], args["top_k"]
             )
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(self.model):
             output = self.model.generate(**encoded, **kwargs)
         new_tokens = output[:, encoded["input_ids"].shape[1] :]
         return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -581,6 +588,10 @@ class Embedder:
         return result[0] if single else result
 
     def _run(self, texts: list[str]):
+        with eval_mode(self.model):
+            return self._encode(texts)
+
+    def _encode(self, texts: list[str]):
         import numpy as np
         import torch
 
@@ -600,6 +611,24 @@ class Embedder:
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.float().cpu().numpy().astype("<f4")
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Run the model in eval mode (no dropout), then put its mode back.
+
+    The cache key does not include train/eval mode (a trained model and its reloaded copy
+    must share a cache), so generations and embeddings are always made in eval mode: a model
+    handed over straight from a Trainer is still in train mode.
+    """
+    was_training = bool(getattr(model, "training", False))
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
 
 
 def _load_encoder(path: Path, tokenizer: Any, device: str | None):

@@ -87,16 +87,17 @@ def input_fingerprints(inputs: dict[str, Any]) -> dict[str, str]:
     for name, value in inputs.items():
         try:
             out[name] = fingerprint(value)
-        except FingerprintError as e:
-            raise FingerprintError(
-                f"input {name!r} ({type(value).__module__}.{type(value).__qualname__}) cannot be "
-                f"fingerprinted: {e}. Leave it out with `--inputs` (list the inputs that matter), "
-                "or give its class a `__dreamer_fingerprint__(self)` method returning something "
-                "that can be fingerprinted"
-            ) from None
         except RecursionError:
             raise FingerprintError(
                 f"input {name!r} is nested too deeply to fingerprint; leave it out with `--inputs`"
+            ) from None
+        except Exception as e:  # never a traceback from inside the hasher, never a random key
+            reason = str(e) if isinstance(e, FingerprintError) else f"{type(e).__name__}: {e}"
+            raise FingerprintError(
+                f"input {name!r} ({type(value).__module__}.{type(value).__qualname__}) cannot be "
+                f"fingerprinted: {reason}. Leave it out with `--inputs` (list the inputs that matter), "
+                "or give its class a `__dreamer_fingerprint__(self)` method returning something "
+                "that can be fingerprinted"
             ) from None
     return out
 

@@ -259,3 +259,46 @@ def test_a_model_trained_through_data_is_seen_to_change():
     for p in model.parameters():
         p.data.add_(0.01)
     assert fingerprint(model) != first
+
+
+def test_datetimes_and_timedeltas():
+    dates = pd.DataFrame({"t": pd.to_datetime(["2020-01-01", "2021-06-30"]), "d": pd.to_timedelta([1, 2], unit="h")})
+    assert fingerprint(dates) == fingerprint(dates.copy())
+    later = dates.copy()
+    later.loc[1, "t"] = pd.Timestamp("2022-01-01")
+    assert fingerprint(dates) != fingerprint(later)
+    days = np.array(["2020-01-01"], dtype="datetime64[D]")
+    assert fingerprint(days) != fingerprint(days.astype("datetime64[s]"))
+
+
+def test_bound_builtins_classes_and_odd_dict_keys():
+    import re
+
+    assert fingerprint(re.compile(r"\s+").sub) != fingerprint(re.compile("x").sub)
+    assert fingerprint({"a": 1}.get) != fingerprint({"a": 2}.get)
+
+    class Key:
+        pass
+
+    assert fingerprint({Key(): 1, Key(): 2}) == fingerprint({Key(): 2, Key(): 1})
+
+
+def test_a_dataset_changed_in_place_loses_its_lineage():
+    import datasets
+
+    from dreamer_magic.fingerprint import LINEAGE
+
+    ds = datasets.Dataset.from_dict({"a": [1, 2, 3]})
+    LINEAGE.set(ds, "from-a-step")
+    before = fingerprint(ds)
+    ds.set_format("numpy", columns=["a"])
+    assert fingerprint(ds) != before
+
+
+def test_tokenizer_settings_that_change_its_output_are_seen():
+    from _tiny import tiny_gpt2
+
+    _, tok = tiny_gpt2()
+    first = fingerprint(tok)
+    tok.padding_side = "left"
+    assert fingerprint(tok) != first

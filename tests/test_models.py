@@ -449,3 +449,31 @@ def test_force_recomputes_a_cached_function(tmp_path):
     cached("f", output_folder=tmp_path)(f)(1)
     cached("f", output_folder=tmp_path, force=True)(f)(1)
     assert calls == [1, 1]
+
+
+def test_generate_does_not_change_a_tokenizer_without_a_pad_token(tmp_path):
+    from dreamer_magic.fingerprint import tokenizer_fingerprint
+
+    model, tok = tiny_gpt2()
+    tok.pad_token = None
+    before = tokenizer_fingerprint(tok)
+    llm = LLM(model, tok, name="no-pad", output_folder=tmp_path / "output")
+    db = llm.fingerprint
+    llm.generate(["one prompt", "and a longer second prompt"], max_new_tokens=3, temperature=0)
+    assert tok.pad_token is None and tokenizer_fingerprint(tok) == before
+    assert llm.fingerprint == db, "the same cache database is used on the next call"
+
+
+def test_a_model_in_train_mode_generates_as_in_eval_mode_and_keeps_its_mode(tmp_path):
+    model, tok = tiny_gpt2()
+    import torch
+
+    for module in model.modules():  # dropout that would show in train mode
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.9
+    prompts = ["the speaker", "a phone that", "the battery", "love it"]
+    args = dict(max_new_tokens=8, temperature=0)
+    eval_answers = LLM(model, tok, name="eval", output_folder=tmp_path / "a").generate(prompts, **args)
+    model.train()
+    train_answers = LLM(model, tok, name="train", output_folder=tmp_path / "b").generate(prompts, **args)
+    assert train_answers == eval_answers and model.training
