@@ -32,6 +32,15 @@ Several processes at once
     a UNIQUE error when two writers race on one key. Each :meth:`Database.put_many` is one
     transaction, so every finished batch survives an interrupt or ``kill -9``.
 
+Lookups
+    The table keeps its rows in write order (appends are cheap and pages full). A batched
+    lookup finds the rowids through the key index, then reads the rows in rowid order and
+    returns each row's own stored key with its response, so a response is only ever matched
+    to the key it was stored under. (Rejected, measured: a hash-derived ``id INTEGER PRIMARY
+    KEY``, one B-tree search per key, made 100,000 small writes 3.4x slower, as random ids
+    scatter rows over the table just as ``WITHOUT ROWID`` does.) After a call that wrote
+    :data:`CHECKPOINT_AFTER` rows or more, :func:`get_or_compute` checkpoints the WAL.
+
 Live counts
     :func:`add_observer` registers ``fn(database, hits, misses)``, called after each lookup
     (a running ``%%dreamer_step`` uses it to show the cell's cache activity);
@@ -77,6 +86,7 @@ __all__ = [
 TABLE = "cache"
 SUFFIX = ".sqlite"
 BUSY_TIMEOUT_S = 60.0
+CHECKPOINT_AFTER = 10_000  # rows written by one get_or_compute call that trigger a checkpoint
 LOOKUP_CHUNK = 250_000  # keys per lookup query (one JSON array parameter each)
 
 json_str = _json_str  # JSON string literal of a str, as json.dumps(..., ensure_ascii=False) writes it
@@ -293,6 +303,18 @@ def list_databases(root: str | os.PathLike) -> list[dict[str, Any]]:
     return found
 
 
+# Lookups in two steps inside one query: the keys' index gives the rowids (covering, so the
+# table is not touched), then SQLite reads the rows in rowid order (``IN`` sorts them), walking
+# the table front to back instead of jumping to a random page for every key. Rows come back in
+# table order, each with its stored key, so a row can only ever be returned for its own key.
+_KEY_SEP = ","
+_HITS = f"SELECT c.rowid FROM json_each(?) AS j JOIN [{TABLE}] AS c ON c.key = j.value"
+_LOOKUP_ROWS = f"SELECT key, response FROM [{TABLE}] WHERE rowid IN ({_HITS})"
+_LOOKUP_JOINED = (
+    f"SELECT count(*), group_concat(key, '{_KEY_SEP}'), group_concat(response, ',') "
+    f"FROM [{TABLE}] WHERE rowid IN ({_HITS})"
+)
+
 # -- the database -----------------------------------------------------------------------------
 _open: dict[str, Database] = {}
 _open_lock = threading.Lock()
@@ -404,16 +426,12 @@ class Database:
         found: dict[str, str | bytes] = {}
         if not keys:
             return found
-        sql = (
-            f"SELECT c.key, c.response FROM json_each(?) AS j "
-            f"JOIN [{TABLE}] AS c ON c.key = j.value"
-        )
         with self._lock:
             conn = self.connection
             for start in range(0, len(keys), LOOKUP_CHUNK):
-                # sorted: consecutive index searches then walk the B-tree in order
-                chunk = sorted(keys[start : start + LOOKUP_CHUNK])
-                rows = conn.execute(sql, ('["' + '","'.join(chunk) + '"]',)).fetchall()
+                rows = conn.execute(
+                    _LOOKUP_ROWS, ('["' + '","'.join(sorted(keys[start : start + LOOKUP_CHUNK])) + '"]',)
+                ).fetchall()
                 if rows:
                     found.update(rows)
         return found
@@ -426,28 +444,27 @@ class Database:
         >>> db.get_json_many([key])  # doctest: +SKIP
         {'6c1f…': 'an answer'}
 
-        One query per chunk returns the count of hits, the keys and the responses joined in
-        scan order; when every key is a hit and the joined keys prove the order, the
-        responses are decoded with a single ``json.loads`` of ``"[" + joined + "]"``
-        (no per-row Python objects). Otherwise it falls back to :meth:`get_many`.
+        One query per chunk returns the count of hits and the hits' keys and responses, each
+        joined into one string in the same (table) order; when every key is a hit, the keys
+        come back with one ``str.split`` and the responses with a single ``json.loads`` of
+        ``"[" + joined + "]"`` (no per-row Python objects). Otherwise (a miss, a repeated key,
+        a key holding the separator) it falls back to :meth:`get_many`.
         """
         found: dict[str, Any] = {}
-        sql = (
-            f"SELECT count(c.key), group_concat(j.value, ''), group_concat(c.response, ',') "
-            f"FROM json_each(?) AS j LEFT JOIN [{TABLE}] AS c ON c.key = j.value"
-        )
         with self._lock:
             conn = self.connection
             for start in range(0, len(keys), LOOKUP_CHUNK):
-                chunk = sorted(keys[start : start + LOOKUP_CHUNK])
+                chunk = keys[start : start + LOOKUP_CHUNK]
                 count, joined_keys, joined = conn.execute(
-                    sql, ('["' + '","'.join(chunk) + '"]',)
+                    _LOOKUP_JOINED, ('["' + '","'.join(sorted(chunk)) + '"]',)
                 ).fetchone()
-                if count == len(chunk) and joined_keys == "".join(chunk):
-                    found.update(zip(chunk, json.loads("[" + joined + "]")))
-                else:
-                    raw = self.get_many(chunk)
-                    found.update(zip(raw.keys(), decode_json_many(raw.values())))
+                if count == len(chunk) and count:
+                    got = joined_keys.split(_KEY_SEP)
+                    if len(got) == count:
+                        found.update(zip(got, json.loads("[" + joined + "]")))
+                        continue
+                raw = self.get_many(chunk)
+                found.update(zip(raw.keys(), decode_json_many(raw.values())))
         return found
 
     def get(self, key: str) -> str | bytes | None:
@@ -464,6 +481,19 @@ class Database:
             return self.connection.execute(f"SELECT count(*) FROM [{TABLE}]").fetchone()[0]
 
     # writes -----------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Copy the WAL back into the database file now (``PRAGMA wal_checkpoint(PASSIVE)``).
+
+        Never waits on other processes: pages a reader still needs stay in the WAL. Lookups
+        read the database file through its memory map, which is faster than through the WAL
+        (all-hit lookups right after a large write burst ran ~25% faster).
+        """
+        with self._lock:
+            try:
+                self.connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.OperationalError:  # busy: the next checkpoint will do it
+                pass
+
     def put_many(self, rows: Iterable[tuple[str, str, str | bytes]]) -> int:
         """Store ``(key, request JSON, response)`` rows in one transaction; returns how many.
 
@@ -605,4 +635,6 @@ def get_or_compute(
             bar.update(len(batch))
     finally:
         bar.close()
+    if len(missing) >= CHECKPOINT_AFTER:
+        database.checkpoint()
     return found

@@ -14,6 +14,7 @@ import difflib
 from dataclasses import dataclass, field
 
 from .errors import DreamerError
+from .fingerprint import code_lines
 
 
 @dataclass
@@ -310,16 +311,6 @@ def _free_names(body: list[ast.stmt], params: set[str]) -> set[str]:
             elif isinstance(node, ast.Global):
                 loads.update(node.names)
     return loads - local
-
-
-def code_lines(source: str) -> list[str]:
-    """The lines that count for the fingerprint: no blank lines, no comment-only lines."""
-    out = []
-    for line in source.splitlines():
-        stripped = line.strip()
-        if stripped and not stripped.startswith("#"):
-            out.append(line.rstrip())
-    return out
 
 
 def changed_lines(old: str, new: str) -> list[str]:

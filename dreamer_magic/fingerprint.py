@@ -109,12 +109,12 @@ def normalise_source(source: str) -> str:
     try:
         return ast.dump(ast.parse(source), annotate_fields=False, include_attributes=False)
     except SyntaxError:
-        lines = []
-        for line in source.splitlines():
-            stripped = line.strip()
-            if stripped and not stripped.startswith("#"):
-                lines.append(line.rstrip())
-        return "\n".join(lines)
+        return "\n".join(code_lines(source))
+
+
+def code_lines(source: str) -> list[str]:
+    """The lines that count for the fingerprint: no blank lines, no comment-only lines."""
+    return [line.rstrip() for line in source.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
 def _is_user_code(obj: Any) -> bool:
@@ -219,8 +219,6 @@ class Hasher:
 
     # -- third-party types --------------------------------------------------------
     def ndarray(self, arr: Any) -> None:
-        import numpy as np
-
         self.tag("numpy.ndarray")
         self.str_(arr.dtype.str if arr.dtype.fields is None else repr(arr.dtype.descr))
         self.str_(repr(tuple(arr.shape)))
@@ -433,7 +431,7 @@ class Hasher:
 
     def code(self, code: types.CodeType) -> None:
         self.tag("code")
-        source = _source_of(code)
+        source = source_of(code)
         if source is not None:
             self.str_(normalise_source(source))
             return
@@ -748,7 +746,8 @@ def code_global_names(code: types.CodeType) -> set[str]:
     return names
 
 
-def _source_of(code: types.CodeType) -> str | None:
+def source_of(code: types.CodeType) -> str | None:
+    """The dedented source of a code object (a function's ``__code__``), or ``None``."""
     try:
         source = inspect.getsource(code)
     except (OSError, TypeError, IndexError):

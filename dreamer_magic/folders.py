@@ -25,6 +25,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -262,9 +263,11 @@ class OutputFolder:
         removed = 0
         if not final.parent.is_dir():
             return 0
-        for leftover in final.parent.glob(f".{final.name}.tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-            removed += 1
+        pattern = re.compile(re.escape(f".{final.name}.tmp-") + r"\d+-[0-9a-f]{8}")
+        for leftover in final.parent.iterdir():
+            if pattern.fullmatch(leftover.name):  # not the temp folder of a step named "x.tmp-…"
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed += 1
         return removed
 
     # -- commit, backup, restore ------------------------------------------------------
@@ -279,16 +282,20 @@ class OutputFolder:
         _fsync_dir(final.parent)
         return moved
 
-    def move_to_backup(self, final: Path, name_path: str, meta_file: str) -> str | None:
+    def move_to_backup(self, final: Path, name_path: str, meta_file: str, *, damaged: bool = False) -> str | None:
         """Move the folder at ``final`` (if any) to ``_backups/<name>/<its fingerprint>``.
 
-        An incomplete folder goes to ``_backups/<name>/incomplete-<time>`` instead: nothing is
-        deleted that a person might still want.
+        An incomplete folder (or one known to be ``damaged``) goes to
+        ``_backups/<name>/incomplete-<time>`` instead: it never replaces a good backup, and
+        nothing is deleted that a person might still want.
         """
         if not final.exists():
             return None
         old, _ = read_meta(final, meta_file)
-        key = old["fingerprint"] if old else f"incomplete-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        if old and not damaged:
+            key = old["fingerprint"]
+        else:
+            key = f"incomplete-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
         dest = self.backup_dir(name_path) / key
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():  # the same fingerprint backed up before: the newer copy wins
@@ -313,7 +320,11 @@ class OutputFolder:
             return None
         path, meta = found
         final = self.path(name_path)
-        self.move_to_backup(final, name_path, meta_file)
+        current, _ = read_meta(final, meta_file)
+        # the folder in place has this very fingerprint only if it failed to load: keep it
+        # aside rather than let it replace the good backup
+        damaged = current is not None and current.get("fingerprint") == fingerprint
+        self.move_to_backup(final, name_path, meta_file, damaged=damaged)
         os.rename(path, final)
         _fsync_dir(final.parent)
         return meta
@@ -341,6 +352,11 @@ class OutputFolder:
         return out
 
     # -- listing ----------------------------------------------------------------------
+    @staticmethod
+    def kind_of(folder: Path) -> str:
+        """``"trainer"`` or ``"step"``, from what the folder holds."""
+        return "trainer" if (folder / "trainer.json").exists() or (folder / "_checkpoints").is_dir() else "step"
+
     def entries(self) -> list[tuple[str, str, Path]]:
         """``(name_path, kind, folder)`` of every step and trainer folder, nested ones included."""
         out: list[tuple[str, str, Path]] = []
@@ -351,7 +367,7 @@ class OutputFolder:
             for child in sorted(folder.iterdir()):
                 if not child.is_dir() or child.name.startswith((".", "_")):
                     continue
-                kind = "trainer" if (child / "trainer.json").exists() or (child / "_checkpoints").is_dir() else "step"
+                kind = self.kind_of(child)
                 name_path = f"{prefix}{child.name}"
                 out.append((name_path, kind, child))
                 walk(child, name_path + "/")

@@ -124,7 +124,7 @@ class DreamerMagics(Magics):
         if not cell.strip():
             raise UsageError(f"the {kind} {name!r} has an empty cell: put the code to cache below the magic line")
         source = self.shell.transform_cell(cell)
-        self._cells[name] = (source, args, kind)
+        self._cells[validate_name(name)] = (source, args, kind)
         from .status import Status
 
         status = Status(kind=kind, name=name)
@@ -307,9 +307,9 @@ class DreamerMagics(Magics):
         folder_name = validate_name(name)
         out = OutputFolder(get_output_folder())
         path = out.path(folder_name)
-        meta_file = "trainer.json" if (path / "trainer.json").exists() or (path / "_checkpoints").exists() else "step.json"
+        meta_file = "trainer.json" if out.kind_of(path) == "trainer" else "step.json"
         meta, problem = read_meta(path, meta_file)
-        remembered = self._cells.get(name)
+        remembered = self._cells.get(folder_name)
         if remembered is None:
             if meta is None:
                 return render_why(name, [f"nothing saved: {problem}", "run the cell to create it"])

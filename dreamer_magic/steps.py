@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any, Callable, ContextManager, Iterator
 from . import __version__
 from .cell import analyze, changed_lines
 from .errors import DreamerError, FingerprintError, PickleRefusedError, StorageError
-from .fingerprint import FORMAT_VERSION, LINEAGE, Hasher, combine, fingerprint, normalise_source, package_version
+from .fingerprint import FORMAT_VERSION, LINEAGE, combine, fingerprint, normalise_source, package_version, source_of
 from .folders import OutputFolder, get_output_folder, now_iso, read_meta, validate_name
 from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Status
 
@@ -43,12 +44,20 @@ CAPTURE_HOOK: Callable[[list], ContextManager[Any]] | None = None
 # Set by magics.py: replays recorded outputs (streams and rich displays).
 REPLAY_HOOK: Callable[[list], None] | None = None
 
-_ACTIVE: list["StepRun"] = []
+class _Active(threading.local):
+    """The steps running now in this thread, outermost first (a step called from a worker
+    thread does not nest under a step of another thread)."""
+
+    def __init__(self) -> None:
+        self.runs: list["StepRun"] = []
+
+
+_ACTIVE = _Active()
 
 
 def active_statuses() -> list[Status]:
-    """Statuses of the steps and trainers running now, outermost first."""
-    return [run.status for run in _ACTIVE]
+    """Statuses of the steps and trainers running now in this thread, outermost first."""
+    return [run.status for run in _ACTIVE.runs]
 
 
 def core_versions() -> dict[str, str]:
@@ -224,7 +233,7 @@ class StepRun:
         self.execute = execute
         self.folder_name = validate_name(spec.name)
         self.status = status or Status(kind=spec.kind, name=spec.name)
-        self.parent = _ACTIVE[-1] if _ACTIVE else None
+        self.parent = _ACTIVE.runs[-1] if _ACTIVE.runs else None
         self.out = OutputFolder(get_output_folder())
         self.name_path = f"{self.parent.name_path}/{self.folder_name}" if self.parent else self.folder_name
         self.tmp: Path | None = None
@@ -267,7 +276,7 @@ class StepRun:
             status.changed()
 
         lock_name = self.name_path if self.parent is None else self.name_path + ".nested"
-        _ACTIVE.append(self)
+        _ACTIVE.runs.append(self)
         try:
             with self.out.lock(lock_name, on_wait=waiting):
                 status.state = RUNNING
@@ -275,13 +284,13 @@ class StepRun:
                     self.out.clean_temps(self.final)
                 return self._decide_and_go(components, fp, started)
         finally:
-            _ACTIVE.remove(self)
+            _ACTIVE.runs.remove(self)
             status.duration = time.perf_counter() - started
             status.changed()
 
     def _decide_and_go(self, components: dict, fp: str, started: float) -> dict[str, Any]:
         status, spec = self.status, self.spec
-        meta, problem = self._find_previous()
+        meta, problem = self._find_previous(fp)
         if meta is not None and meta.get("fingerprint") == fp and not spec.force:
             try:
                 return self._load(self._previous_location, meta, LOADED, started)
@@ -291,23 +300,23 @@ class StepRun:
                 problem = f"the saved result could not be loaded ({e}); running again"
                 meta = None
         if not spec.force and self.parent is None:
-            found = self.out.find_backup(self.name_path, fp, self.meta_file)
-            if found is not None:
-                restored = self.out.restore(self.name_path, fp, self.meta_file)
-                if restored is not None:
-                    try:
-                        return self._load(self.final, restored, RESTORED, started)
-                    except PickleRefusedError:
-                        raise
-                    except StorageError as e:
-                        problem = f"the backup could not be loaded ({e}); running again"
+            restored = self.out.restore(self.name_path, fp, self.meta_file)
+            if restored is not None:
+                try:
+                    return self._load(self.final, restored, RESTORED, started)
+                except PickleRefusedError:
+                    raise
+                except StorageError as e:
+                    problem = f"the backup could not be loaded ({e}); running again"
         status.reasons = ["--force"] if spec.force else why(meta, components, spec.source, problem)
         if problem and meta is not None:
             status.reasons.append(problem)
         status.changed()
         return self._run_and_save(components, fp, started)
 
-    def _find_previous(self) -> tuple[dict | None, str | None]:
+    def _find_previous(self, fp: str) -> tuple[dict | None, str | None]:
+        """The saved result to compare with (for a nested step: its copy in the parent's new
+        folder, carried over from the parent's previous folder when it matches)."""
         if self.parent is not None and self.parent.tmp is not None:
             here = self.parent.tmp / self.folder_name
             meta, problem = read_meta(here, self.meta_file)
@@ -316,7 +325,7 @@ class StepRun:
                 return meta, None
             earlier = self._previous()
             meta, problem = read_meta(earlier, self.meta_file)
-            if meta is not None:
+            if meta is not None and meta.get("fingerprint") == fp:
                 # carry the earlier result into the parent's new folder (hard links: no copy)
                 if here.exists():
                     shutil.rmtree(here)
@@ -365,9 +374,10 @@ class StepRun:
         records: list = []
         try:
             status.changed()
+            body_started = time.perf_counter()  # what a hit saves: the body, not waiting or hashing
             with _capture(records):
                 namespace = self.execute()
-            duration = time.perf_counter() - started
+            duration = time.perf_counter() - body_started
             values = self._collect(namespace)
             self._save(values, records, components, fp, duration)
         except KeyboardInterrupt:
@@ -540,12 +550,9 @@ def step(name: str, *, version: str | None = None, force: bool = False, allow_pi
 
 
 def _function_source(fn: Callable) -> str:
-    try:
-        import textwrap
-
-        return textwrap.dedent(inspect.getsource(fn))
-    except (OSError, TypeError):
-        return f"<function {getattr(fn, '__qualname__', fn)}>"
+    code = getattr(fn, "__code__", None)
+    source = source_of(code) if code is not None else None
+    return source if source is not None else f"<function {getattr(fn, '__qualname__', fn)}>"
 
 
 # -- the step magic's core ---------------------------------------------------------------

@@ -52,6 +52,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from .errors import PickleRefusedError, StorageError
+from .folders import folder_size
 
 __all__ = [
     "describe_type",
@@ -174,7 +175,7 @@ def save_value(value: Any, folder: Path, name: str, *, main: bool = False) -> di
     if entry is None:
         entry = _save_pickle(value, folder, name)
     entry = {"type": type_name, **entry}
-    entry["size"] = _size(folder / entry["path"])
+    entry["size"] = folder_size(folder / entry["path"])
     return entry
 
 
@@ -338,17 +339,6 @@ def _entry_path(folder: Path, entry: dict) -> Path:
             "to read it. Run the step again."
         )
     return folder.joinpath(*pure.parts)
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for file in files:
-            with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(root, file)).st_size
-    return total
 
 
 # --------------------------------------------------------------------------- datasets

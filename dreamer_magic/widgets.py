@@ -263,7 +263,7 @@ def status_text(status: Status) -> str:
     timing = _timing_phrase(status)
     if timing:
         head += f" {timing}"
-    if status.saved:
+    if status.saved is not None:
         head += f" (saved {human_duration(status.saved)})"
     if status.outputs:
         outs = ", ".join(
@@ -348,7 +348,7 @@ def _header_html(status: Status) -> str:
     timing = _timing_phrase(status)
     if timing:
         parts.append(f'<span class="dreamer-duration" style="{_MUTED}">{_esc(timing)}</span>')
-    if status.saved:
+    if status.saved is not None:
         parts.append(
             f'<span class="dreamer-saved" style="color:{GREEN}">'
             f"saved {_esc(human_duration(status.saved))}</span>"

@@ -259,3 +259,27 @@ def test_list_databases_reports_rows_size_and_hit_rate(db, tmp_path):
     assert listed["hits"] >= 2 and 0 < listed["hit_rate"] < 1
     assert cache.list_databases(tmp_path / ".cache")[0]["path"] == str(db.path)
     assert cache.list_databases(tmp_path / "nowhere") == []
+
+
+# -- lookups never mix keys up --------------------------------------------------------------------
+def test_lookups_return_each_key_only_its_own_response(db):
+    # keys sharing a long prefix (as two keys hashed onto one integer id would), keys that
+    # hold the separator, a miss among hits and a repeated key: never another key's answer
+    keys = ["a" * 16 + "0" * 16, "a" * 16 + "1" * 16, "a" * 16 + "0" * 15, "x,y", "x"]
+    db.put_many([(k, "{}", json.dumps(f"answer for {k}")) for k in keys])
+    for wanted in (keys, keys[:2], keys[:3] + ["a" * 16 + "2" * 16], keys + keys[:1], ["x,y"], ["x", "y"]):
+        expected = {k: f"answer for {k}" for k in wanted if k in keys}
+        assert db.get_json_many(wanted) == expected
+        assert {k: json.loads(v) for k, v in db.get_many(wanted).items()} == expected
+
+
+def test_a_large_write_is_checkpointed_and_read_back(db, monkeypatch):
+    monkeypatch.setattr(cache, "CHECKPOINT_AFTER", 3)
+    calls = []
+    checkpoint = db.checkpoint
+    monkeypatch.setattr(db, "checkpoint", lambda: calls.append(1) or checkpoint())
+    found, _ = make_calls(db, ["a", "b"])  # 2 rows: below the threshold
+    assert calls == []
+    found, _ = make_calls(db, ["a", "b", "c", "d", "e"])  # 3 new rows
+    assert calls == [1]
+    assert make_calls(db, ["a", "b", "c", "d", "e"])[0] == found

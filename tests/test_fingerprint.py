@@ -251,7 +251,6 @@ def test_models_tokenizers_and_optimizers_by_what_they_compute(tmp_path):
 
 def test_a_model_trained_through_data_is_seen_to_change():
     """Updates through ``.data`` do not bump version counters; the memo must notice anyway."""
-    import torch
     from _tiny import tiny_gpt2
 
     model, _ = tiny_gpt2()

@@ -62,8 +62,6 @@ def llm(tiny, tmp_path):
 
 def new_kernel(llm, tmp_path):
     """Forget every in-process state (open databases, memoised fingerprints): a fresh LLM."""
-    from dreamer_magic import models
-
     cache._open.clear()
     fingerprint.MODEL_MEMO.clear()
     fingerprint.TOKENIZER_MEMO.clear()

@@ -283,3 +283,24 @@ def test_allow_pickle_false_refuses_pickles(ip):
     ip.run_line_magic("config", "DreamerMagics.allow_pickle = False")
     with pytest.raises(UsageError, match="allow_pickle"):
         ip.run_cell_magic("dreamer_step", "pickled", "import fractions\nf = fractions.Fraction(1, 3)\n")
+
+
+def test_a_damaged_result_never_replaces_its_good_backup(ip, tmp_path):
+    ip.run_cell_magic("dreamer_step", "s", "y = {'a': 1}\n")
+    ip.run_cell_magic("dreamer_step", "s --force", "y = {'a': 1}\n")  # a good copy goes to _backups
+    folder = tmp_path / "output" / "s"
+    meta = json.loads((folder / "step.json").read_text())
+    (folder / meta["outputs"]["y"]["path"]).write_text("{corrupt")
+    ip.user_ns.pop("y")
+    ip.run_cell_magic("dreamer_step", "s", "y = {'a': 1}\n")
+    assert status_of(ip).state == "restored from backup"
+    assert ip.user_ns["y"] == {"a": 1}
+    backups = tmp_path / "output" / "_backups" / "s"
+    assert [p.name.startswith("incomplete-") for p in backups.iterdir()] == [True], "the damaged copy is kept aside"
+
+
+def test_two_names_for_one_folder_share_why(ip):
+    ip.user_ns["a"] = 1
+    ip.run_cell_magic("dreamer_step", "Clean Reviews", "b = a\n")
+    ip.user_ns["a"] = 2
+    assert "input `a` changed" in ip.run_line_magic("dreamer", "why clean-reviews")._repr_mimebundle_()["text/plain"]
