@@ -127,7 +127,40 @@ def _keys_for(prefix: str, items: list[str], suffix: str, what: str) -> list[str
 
 
 # -- LLM ----------------------------------------------------------------------------------------------
-class LLM:
+class _CachedModel:
+    """What LLM and Embedder share: a name, a fingerprint and the database it selects."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    output_folder: Any
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the model and tokenizer together (recomputed only after changes)."""
+        from .fingerprint import combine
+
+        return combine(model_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer))
+
+    def __dreamer_fingerprint__(self) -> str:
+        """A step that reads an LLM or Embedder is keyed by what it computes."""
+        return self.fingerprint
+
+    @property
+    def database(self) -> _cache.Database:
+        """This model's database, ``<output folder>/.cache/<name>-<fingerprint>.sqlite``."""
+        return self._database(self.fingerprint)
+
+    def _database(self, fingerprint: str) -> _cache.Database:
+        return _cache.open_database(
+            _cache.database_name(self.name, fingerprint), _cache.cache_folder(self.output_folder)
+        )
+
+
+class LLM(_CachedModel):
     """A causal language model whose generations are cached in the output folder.
 
     Examples
@@ -173,26 +206,6 @@ class LLM:
         self.name = name or _model_name(model, path)
         self.batch_size = batch_size
         self.output_folder = output_folder
-
-    def __repr__(self) -> str:
-        return f"LLM({self.name!r})"
-
-    @property
-    def fingerprint(self) -> str:
-        """The fingerprint of the model and tokenizer together (recomputed only after changes)."""
-        from .fingerprint import combine
-
-        return combine(model_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer))
-
-    @property
-    def database(self) -> _cache.Database:
-        """This model's database, ``<output folder>/.cache/<name>-<fingerprint>.sqlite``."""
-        return self._database(self.fingerprint)
-
-    def _database(self, fingerprint: str) -> _cache.Database:
-        return _cache.open_database(
-            _cache.database_name(self.name, fingerprint), _cache.cache_folder(self.output_folder)
-        )
 
     def generate(
         self,
@@ -450,7 +463,7 @@ def _default_device() -> str:
 
 
 # -- Embedder -----------------------------------------------------------------------------------------
-class Embedder:
+class Embedder(_CachedModel):
     """A text embedding model whose embeddings are cached per text.
 
     Examples
@@ -501,26 +514,6 @@ class Embedder:
         self.name = name or _model_name(model, path)
         self.batch_size = batch_size
         self.output_folder = output_folder
-
-    def __repr__(self) -> str:
-        return f"Embedder({self.name!r})"
-
-    @property
-    def fingerprint(self) -> str:
-        """The fingerprint of the model (and tokenizer)."""
-        from .fingerprint import combine
-
-        return combine(model_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer))
-
-    @property
-    def database(self) -> _cache.Database:
-        """This model's database, ``<output folder>/.cache/<name>-<fingerprint>.sqlite``."""
-        return self._database(self.fingerprint)
-
-    def _database(self, fingerprint: str) -> _cache.Database:
-        return _cache.open_database(
-            _cache.database_name(self.name, fingerprint), _cache.cache_folder(self.output_folder)
-        )
 
     @property
     def dimension(self) -> int:

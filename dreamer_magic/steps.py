@@ -623,10 +623,14 @@ def explain(
     version: str | None = None,
     exclude: set[str] | frozenset[str] = frozenset(),
     kind: str = "step",
+    components_for: Callable[[StepSpec], dict] = components_of,
 ) -> list[str]:
-    """``%dreamer why``: what differs between the saved result and the cell as it is now."""
+    """``%dreamer why``: what differs between the saved result and the cell as it is now.
+
+    ``components_for`` computes the fingerprint components (trainers pass their own).
+    """
     spec, _ = cell_spec(name, source, namespace, inputs=inputs, version=version, exclude=exclude, kind=kind)
-    components = components_of(spec)
+    components = components_for(spec)
     if meta is not None and meta.get("fingerprint") == fingerprint_of(components):
         return [f"nothing changed: the saved result (fingerprint {meta['fingerprint'][:12]}) will be loaded"]
     out = []

@@ -74,9 +74,11 @@ from .errors import DreamerError, StorageError
 from .fingerprint import fingerprint, json_safe
 from .folders import OutputFolder, folder_size, now_iso, read_meta, write_json_atomic
 from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, CheckpointInfo, Status, resumed_from
+from . import steps
 from .steps import (
     REPLAY_FILE,
     StepRun,
+    StepSpec,
     _capture,
     _describe,
     cell_spec,
@@ -1456,26 +1458,15 @@ def _set_rng_states(rng: dict, tensors: dict) -> None:
 # -- the magic's core ----------------------------------------------------------------------------
 
 
-def explain(
-    name: str,
-    source: str,
-    namespace: dict,
-    meta: dict | None,
-    problem: str | None,
-    *,
-    inputs: list[str] | None = None,
-    version: str | None = None,
-    exclude: set[str] | frozenset[str] = frozenset(),
-    kind: str = "trainer",
-) -> list[str]:
-    """``%dreamer why`` for a trainer: like :func:`dreamer_magic.steps.explain`, with models and
-    tokenizers fingerprinted as a trainer does (by weights and definition)."""
-    spec, _ = cell_spec(name, source, namespace, inputs=inputs, version=version, exclude=exclude, kind="trainer")
-    run = TrainerRun(spec, lambda: namespace, Status(kind="trainer", name=name), namespace=namespace)
-    components = run.components()
-    if meta is not None and meta.get("fingerprint") == fingerprint_of(components):
-        return [f"nothing changed: the saved trainer (fingerprint {meta['fingerprint'][:12]}) will be loaded"]
-    return why(meta, components, source, problem)
+def explain(name: str, source: str, namespace: dict, meta: dict | None, problem: str | None, **options: Any) -> list[str]:
+    """``%dreamer why`` for a trainer: :func:`dreamer_magic.steps.explain` with the components
+    a trainer computes (models it trained in place count as the originals)."""
+
+    def components_for(spec: StepSpec) -> dict:
+        return TrainerRun(spec, lambda: namespace, Status(kind="trainer", name=name), namespace=namespace).components()
+
+    options["kind"] = "trainer"
+    return steps.explain(name, source, namespace, meta, problem, components_for=components_for, **options)
 
 
 def run_cell_trainer(
