@@ -175,8 +175,8 @@ def main() -> None:
     print(f"  sqlitedict (keys given)                          {sd_s * 1e3:8.1f} ms {rate(sd_s)}")
     print(f"  ratio vs plain query:  {plain_s / gen_s:5.1f}x")
     print(f"  ratio vs sqlitedict:   {sd_s / gen_s:5.1f}x")
-    print(f"  ratio vs faster baseline: {faster / gen_s:5.1f}x   (target >= 3x; >= 200,000/s: "
-          f"{'met' if n / gen_s >= 200_000 and faster / gen_s >= 3 else 'NOT met'})")
+    print(f"  ratio vs faster baseline: {faster / gen_s:5.1f}x   (target >= 3x: "
+          f"{'met' if faster / gen_s >= 3 else 'NOT met'}; >= 200,000/s: {'met' if n / gen_s >= 200_000 else 'NOT met'})")
     print()
     print("fresh writes                                          median      throughput")
     print(f"  Database.put_many, 1,000-row transactions        {put_s * 1e3:8.1f} ms {rate(put_s)}")

@@ -430,7 +430,7 @@ class Database:
             conn = self.connection
             for start in range(0, len(keys), LOOKUP_CHUNK):
                 rows = conn.execute(
-                    _LOOKUP_ROWS, ('["' + '","'.join(sorted(keys[start : start + LOOKUP_CHUNK])) + '"]',)
+                    _LOOKUP_ROWS, ('["' + '","'.join(keys[start : start + LOOKUP_CHUNK]) + '"]',)
                 ).fetchall()
                 if rows:
                     found.update(rows)
@@ -456,7 +456,7 @@ class Database:
             for start in range(0, len(keys), LOOKUP_CHUNK):
                 chunk = keys[start : start + LOOKUP_CHUNK]
                 count, joined_keys, joined = conn.execute(
-                    _LOOKUP_JOINED, ('["' + '","'.join(sorted(chunk)) + '"]',)
+                    _LOOKUP_JOINED, ('["' + '","'.join(chunk) + '"]',)
                 ).fetchone()
                 if count == len(chunk) and count:
                     got = joined_keys.split(_KEY_SEP)
