@@ -357,6 +357,12 @@ def _is_pretrained(value: Any) -> bool:
     )
 
 
+def _is_within(path: Any, folder: Any) -> bool:
+    """Whether ``path`` lies inside ``folder`` (both as given, resolved against the working directory)."""
+    inner, outer = os.path.abspath(str(path)), os.path.abspath(str(folder))
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
 def _is_trainer(value: Any) -> bool:
     """A ``transformers.Trainer`` or a :class:`Checkpointer`: live training state, never saved."""
     if isinstance(value, Checkpointer):
@@ -538,6 +544,10 @@ def _patched_trainer(run: "TrainerRun") -> Iterator[None]:
             original = training_args.output_dir
             training_args = copy.copy(training_args)  # the user's object keeps its output_dir
             training_args.output_dir = str(folder)
+            # transformers 4.x derives logging_dir (TensorBoard) from output_dir: keep it inside too
+            logging_dir = getattr(training_args, "logging_dir", None)
+            if original and logging_dir and _is_within(logging_dir, original):
+                training_args.logging_dir = str(folder / "runs" / Path(logging_dir).name)
             if original and os.path.abspath(str(original)) != str(folder):
                 note = f"output_dir {str(original)!r} redirected to {folder}"
                 if note not in run.status.notes:

@@ -518,3 +518,17 @@ def test_two_processes_with_gloo_only_rank_0_saves(tmp_path):
 
     again = torchrun()
     assert [s["state"] for s in again] == ["loaded from disk", "loaded from disk"]
+
+
+def test_a_logging_dir_under_output_dir_is_redirected_too(ip, tmp_path):
+    """transformers 4.x derives logging_dir from output_dir; nothing may land outside the output folder."""
+    inputs(ip)
+    cell = train_cell(max_steps=2, save_steps=2)
+    cell = cell.replace("\ntrainer = ", "\nargs.logging_dir = 'anything/runs/today'\ntrainer = ", 1)
+    assert "args.logging_dir" in cell
+    status = train(ip, "logs", cell)
+    assert status.state == "ran"
+    trainer_args = ip.user_ns["trainer"].args
+    assert trainer_args.logging_dir == str(tmp_path / "output" / "logs" / "_checkpoints" / "runs" / "today")
+    assert ip.user_ns["args"].logging_dir == "anything/runs/today", "the user's object is untouched"
+    assert not (tmp_path / "anything").exists()
