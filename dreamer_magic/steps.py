@@ -238,17 +238,18 @@ class StepRun:
         self.name_path = f"{self.parent.name_path}/{self.folder_name}" if self.parent else self.folder_name
         self.tmp: Path | None = None
         self.values: dict[str, Any] = {}
+        # Where this step's folder and its backups live: the output folder, or for a nested
+        # step the folder its parent is writing (so nested backups travel with the parent).
+        if self.parent is None:
+            self.home, self.key = self.out, self.name_path
+        else:
+            container = self.parent.tmp if self.parent.tmp is not None else self.parent.final
+            self.home, self.key = OutputFolder(container), self.folder_name
 
     # -- where things are ---------------------------------------------------------
     @property
     def final(self) -> Path:
-        if self.parent is not None and self.parent.tmp is not None:
-            return self.parent.tmp / self.folder_name
-        return self.out.path(self.name_path)
-
-    def _previous(self) -> Path:
-        """Where an earlier complete result of this step lives (nested: under the parent's folder)."""
-        return self.out.path(self.name_path)
+        return self.home.path(self.key)
 
     # -- the lifecycle ------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -290,50 +291,57 @@ class StepRun:
 
     def _decide_and_go(self, components: dict, fp: str, started: float) -> dict[str, Any]:
         status, spec = self.status, self.spec
-        meta, problem = self._find_previous(fp)
-        if meta is not None and meta.get("fingerprint") == fp and not spec.force:
-            try:
-                return self._load(self._previous_location, meta, LOADED, started)
-            except PickleRefusedError:
-                raise
-            except StorageError as e:
-                problem = f"the saved result could not be loaded ({e}); running again"
-                meta = None
-        if not spec.force and self.parent is None:
-            restored = self.out.restore(self.name_path, fp, self.meta_file)
-            if restored is not None:
+        meta, problem = read_meta(self.final, self.meta_file)
+        if meta is None and self.parent is not None:  # compare with the parent's previous run
+            meta, _ = read_meta(self._earlier_home().path(self.key), self.meta_file)
+        if not spec.force:
+            for state, found in self._candidates(meta, fp):
+                if found is None:
+                    continue
                 try:
-                    return self._load(self.final, restored, RESTORED, started)
+                    return self._load(self.final, found, state, started)
                 except PickleRefusedError:
                     raise
                 except StorageError as e:
-                    problem = f"the backup could not be loaded ({e}); running again"
+                    problem = f"the saved result could not be loaded ({e}); running again"
+                    meta = None
         status.reasons = ["--force"] if spec.force else why(meta, components, spec.source, problem)
         if problem and meta is not None:
             status.reasons.append(problem)
         status.changed()
         return self._run_and_save(components, fp, started)
 
-    def _find_previous(self, fp: str) -> tuple[dict | None, str | None]:
-        """The saved result to compare with (for a nested step: its copy in the parent's new
-        folder, carried over from the parent's previous folder when it matches)."""
-        if self.parent is not None and self.parent.tmp is not None:
-            here = self.parent.tmp / self.folder_name
-            meta, problem = read_meta(here, self.meta_file)
-            if meta is not None:
-                self._previous_location = here
-                return meta, None
-            earlier = self._previous()
-            meta, problem = read_meta(earlier, self.meta_file)
-            if meta is not None and meta.get("fingerprint") == fp:
-                # carry the earlier result into the parent's new folder (hard links: no copy)
-                if here.exists():
-                    shutil.rmtree(here)
-                shutil.copytree(earlier, here, copy_function=_link_or_copy)
-                self._previous_location = here
-            return meta, problem
-        self._previous_location = self.final
-        return read_meta(self.final, self.meta_file)
+    def _candidates(self, meta: dict | None, fp: str) -> Iterator[tuple[str, dict | None]]:
+        """Saved results with this fingerprint, tried in order (each generated only if needed):
+        the folder in place, a backup, and for a nested step the parent's previous run."""
+        current, _ = read_meta(self.final, self.meta_file)
+        if current is not None and current.get("fingerprint") == fp:
+            yield LOADED, current
+        yield RESTORED, self.home.restore(self.key, fp, self.meta_file)
+        if self.parent is not None:
+            yield LOADED, self._carry_over(fp)
+
+    def _earlier_home(self) -> OutputFolder:
+        """Where the parent's previous run keeps this nested step (the parent's folder on disk)."""
+        assert self.parent is not None
+        return OutputFolder(self.out.path(self.parent.name_path))
+
+    def _carry_over(self, fp: str) -> dict | None:
+        """Bring a nested result with ``fp`` from the parent's previous folder (or its nested
+        backups) into the folder the parent is writing, by hard links: no copy."""
+        if self.home.root == self._earlier_home().root:  # the parent runs in place (a trainer)
+            return None
+        earlier = self._earlier_home()
+        meta, _ = read_meta(earlier.path(self.key), self.meta_file)
+        source = earlier.path(self.key) if meta is not None and meta.get("fingerprint") == fp else None
+        if source is None:
+            found = earlier.find_backup(self.key, fp, self.meta_file)
+            if found is None:
+                return None
+            source, meta = found
+        self.home.move_to_backup(self.final, self.key, self.meta_file)
+        shutil.copytree(source, self.final, copy_function=_link_or_copy)
+        return meta
 
     def components(self) -> dict[str, Any]:
         """The fingerprint components of this run (trainers count models by their weights)."""
@@ -443,18 +451,9 @@ class StepRun:
             "parent": self.parent.name_path if self.parent else None,
         }
         final = self.final
-        if self.parent is not None:
-            if final.exists():
-                shutil.rmtree(final)
-            from .folders import write_json_atomic
-
-            write_json_atomic(self.tmp / self.meta_file, meta)
-            os.rename(self.tmp, final)
-            moved = None
-        else:
-            moved = self.out.commit(self.tmp, final, self.name_path, self.meta_file, meta)
+        moved = self.home.commit(self.tmp, final, self.key, self.meta_file, meta)
         self.tmp = None
-        if moved:
+        if moved and self.parent is None:
             self.status.notes.append(f"previous result kept in {moved}")
         self._note_outputs(final, entries)
         self.status.folder = str(final)

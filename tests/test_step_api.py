@@ -115,3 +115,25 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_nested_step_called_with_several_arguments_keeps_each_result(ip, tmp_path, capsys):
+    ip.run_cell(
+        "from dreamer_magic import step\n"
+        "@step('square')\n"
+        "def square(x):\n"
+        "    print('squaring', x)\n"
+        "    return x * x\n"
+    )
+    cell = "squares = [square(x) for x in (2, 3, 4)]\n"
+    ip.run_cell_magic("dreamer_step", "table", cell)
+    assert ip.user_ns["squares"] == [4, 9, 16]
+    assert capsys.readouterr().out.count("squaring") == 3
+    # the parent runs again (its code changed): every nested call is found, none recomputed
+    ip.run_cell_magic("dreamer_step", "table", cell + "total = sum(squares)\n")
+    out = capsys.readouterr().out
+    assert ip.user_ns["total"] == 29
+    assert out.count("square: ran") == 0 and out.count("square: loaded from disk") + out.count("square: restored from backup") == 3
+    parent = tmp_path / "output" / "table"
+    assert (parent / "square" / "step.json").is_file()
+    assert len(list((parent / "_backups" / "square").iterdir())) == 2, "the other two results travel with the parent"
