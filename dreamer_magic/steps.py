@@ -433,9 +433,19 @@ class StepRun:
 
         assert self.tmp is not None
         entries = save_outputs(values, self.tmp)
-        if records:
-            (self.tmp / REPLAY_FILE).write_text(json.dumps(records, ensure_ascii=False, default=str), encoding="utf-8")
-        meta = {
+        write_replay(self.tmp, records)
+        meta = self.metadata(components, fp, entries, duration)
+        final = self.final
+        moved = self.home.commit(self.tmp, final, self.key, self.meta_file, meta)
+        self.tmp = None
+        if moved and self.parent is None:
+            self.status.notes.append(f"previous result kept in {moved}")
+        self._note_outputs(final, entries)
+        self.status.folder = str(final)
+
+    def metadata(self, components: dict, fp: str, entries: dict, duration: float) -> dict[str, Any]:
+        """What step.json (and trainer.json) hold, at least (SPEC §2)."""
+        return {
             "name": self.spec.name,
             "kind": self.spec.kind,
             "fingerprint": fp,
@@ -450,13 +460,6 @@ class StepRun:
             "packages": core_versions(),
             "parent": self.parent.name_path if self.parent else None,
         }
-        final = self.final
-        moved = self.home.commit(self.tmp, final, self.key, self.meta_file, meta)
-        self.tmp = None
-        if moved and self.parent is None:
-            self.status.notes.append(f"previous result kept in {moved}")
-        self._note_outputs(final, entries)
-        self.status.folder = str(final)
 
     def _discard(self) -> None:
         if self.tmp is not None:
@@ -482,6 +485,12 @@ class StepRun:
         for name, value in values.items():
             if type(value).__module__.startswith("datasets") and id(value) not in inputs:
                 LINEAGE.set(value, combine(fp, name))
+
+
+def write_replay(folder: Path, records: list) -> None:
+    """Save a cell's recorded output (streams and rich displays) for replay on a hit."""
+    if records:
+        (folder / REPLAY_FILE).write_text(json.dumps(records, ensure_ascii=False, default=str), encoding="utf-8")
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -83,10 +83,10 @@ from .steps import (
     _describe,
     cell_spec,
     components_of,
-    core_versions,
     fingerprint_of,
     rerun_statements,
     why,
+    write_replay,
 )
 
 __all__ = ["Checkpointer", "TrainerRun", "check_checkpoint", "explain", "is_main_process", "list_checkpoints", "run_cell_trainer"]
@@ -980,28 +980,17 @@ class TrainerRun(StepRun):
             entries.update(_save_plain(plain, folder, not_saved))
         entries = {name: entries[name] for name in values if name in entries}
         meta_extra = self._write_model_metadata(model_dir)
-        if records:
-            (folder / REPLAY_FILE).write_text(json.dumps(records, ensure_ascii=False, default=str), encoding="utf-8")
+        write_replay(folder, records)
         _fsync_tree(model_dir)
         trained = self._trained_inputs()
         marker = _read_json(self.marker) or {}
         status = self.status
         meta = {
-            "name": self.spec.name,
+            **self.metadata(components, fp, entries, duration),
             "kind": "trainer",
-            "fingerprint": fp,
-            "components": components,
-            "source": self.spec.source,
-            "inputs": list(self.spec.inputs),
-            "outputs": entries,
-            "rebind": self.spec.rebind,
-            "version": self.spec.version,
-            "created": now_iso(),
+            "parent": None,
             "started": marker.get("started"),
             "attempts": marker.get("attempts", 1),
-            "duration": duration,
-            "packages": core_versions(),
-            "parent": None,
             "final_step": status.step,
             "max_steps": status.max_steps,
             "losses": _thin(status.losses, MAX_LOSS_POINTS),
