@@ -112,7 +112,8 @@ def main() -> None:
     model, tok = tiny_gpt2(seed=0)
     ip.user_ns.update(model=model, tok=tok, train_ds=lm_dataset(tok))
     ip.run_cell_magic("dreamer_train", "sft-small", train_cell())
-    print(json.dumps(status_json(ip._dreamer_magics._last_status)), flush=True)
+    line = json.dumps(status_json(ip._dreamer_magics._last_status)) + "\n"
+    os.write(1, line.encode())  # one write() per line: ranks share stdout, and lines stay whole
 
 
 if __name__ == "__main__":
