@@ -70,21 +70,34 @@ def test_sigkill_during_save_never_leaves_a_complete_looking_folder(tmp_path, ip
 def test_two_kernels_one_runs_the_other_waits_and_loads(tmp_path):
     output = tmp_path / "output"
     counter = tmp_path / "runs.txt"
+    go = tmp_path / "go"
     cell = (
-        "import time\n"
+        "import os, time\n"
         f"open({str(counter)!r}, 'a').write('ran\\n')\n"
-        "time.sleep(3)\n"
+        "print('BODY STARTED', flush=True)\n"
+        f"deadline = time.time() + 120\n"
+        f"while not os.path.exists({str(go)!r}) and time.time() < deadline:\n"
+        "    time.sleep(0.05)\n"
         "result = sum(range(1000))\n"
         "print('result is', result)\n"
     )
     first = start(output, "shared", cell, tmp_path)
-    time.sleep(0.3)
+    seen = []
+    for line in first.stdout:  # the first kernel holds the step: its body is running
+        seen.append(line)
+        if "BODY STARTED" in line:
+            break
     second = start(output, "shared", cell, tmp_path)
-    outs = [p.communicate(timeout=120)[0] for p in (first, second)]
+    waited = []
+    for line in second.stdout:  # the second kernel says it waits for the first
+        waited.append(line)
+        if "waiting for another kernel" in line:
+            break
+    assert waited and "waiting for another kernel" in waited[-1], waited
+    go.write_text("go")  # now let the first finish
+    outs = ["".join(seen) + first.communicate(timeout=120)[0], "".join(waited) + second.communicate(timeout=120)[0]]
     assert all(p.returncode == 0 for p in (first, second)), outs
     assert counter.read_text().count("ran") == 1, "the body ran once"
-    states = sorted(line.split("STATE: ")[1].strip() for out in outs for line in out.splitlines() if "STATE:" in line)
-    assert states == ["loaded from disk", "ran"], outs
+    states = [line.split("STATE: ")[1].strip() for out in outs for line in out.splitlines() if "STATE:" in line]
+    assert states == ["ran", "loaded from disk"], outs
     assert all("result is 499500" in out for out in outs), "both show the output (replayed for the waiter)"
-    waiter = outs[0] if "loaded from disk" in outs[0].split("STATE:")[-1] else outs[1]
-    assert "another kernel" in waiter
