@@ -291,11 +291,12 @@ class StepRun:
 
     def _decide_and_go(self, components: dict, fp: str, started: float) -> dict[str, Any]:
         status, spec = self.status, self.spec
-        meta, problem = read_meta(self.final, self.meta_file)
+        current, problem = read_meta(self.final, self.meta_file)
+        meta = current
         if meta is None and self.parent is not None:  # compare with the parent's previous run
             meta, _ = read_meta(self._earlier_home().path(self.key), self.meta_file)
         if not spec.force:
-            for state, found in self._candidates(meta, fp):
+            for state, found in self._candidates(current, fp):
                 if found is None:
                     continue
                 try:
@@ -311,10 +312,10 @@ class StepRun:
         status.changed()
         return self._run_and_save(components, fp, started)
 
-    def _candidates(self, meta: dict | None, fp: str) -> Iterator[tuple[str, dict | None]]:
+    def _candidates(self, current: dict | None, fp: str) -> Iterator[tuple[str, dict | None]]:
         """Saved results with this fingerprint, tried in order (each generated only if needed):
-        the folder in place, a backup, and for a nested step the parent's previous run."""
-        current, _ = read_meta(self.final, self.meta_file)
+        the folder in place (``current``, its metadata as read), a backup, and for a nested
+        step the parent's previous run."""
         if current is not None and current.get("fingerprint") == fp:
             yield LOADED, current
         yield RESTORED, self.home.restore(self.key, fp, self.meta_file)

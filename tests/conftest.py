@@ -25,8 +25,8 @@ def output(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def ip(tmp_path, monkeypatch):
-    """A real IPython shell: history off, the extension loaded, output folder under tmp_path."""
+def shell(tmp_path, monkeypatch):
+    """A fresh IPython shell as a user would have it: history off, nothing loaded, cwd in tmp_path."""
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets.config import Config
 
@@ -36,13 +36,20 @@ def ip(tmp_path, monkeypatch):
     config = Config()
     config.HistoryManager.enabled = False
     InteractiveShell.clear_instance()
-    shell = InteractiveShell.instance(config=config)
-    shell.run_line_magic("load_ext", "dreamer_magic")
-    shell.run_line_magic("dreamer", f"output {tmp_path / 'output'}")
-    yield shell
-    shell.run_line_magic("unload_ext", "dreamer_magic")
+    ip = InteractiveShell.instance(config=config)
+    yield ip
+    if "dreamer_magic" in ip.extension_manager.loaded:
+        ip.run_line_magic("unload_ext", "dreamer_magic")
     folders.set_output_folder(None)
     InteractiveShell.clear_instance()
+
+
+@pytest.fixture
+def ip(shell, tmp_path):
+    """A real IPython shell with the extension loaded and the output folder under tmp_path."""
+    shell.run_line_magic("load_ext", "dreamer_magic")
+    shell.run_line_magic("dreamer", f"output {tmp_path / 'output'}")
+    return shell
 
 
 def fresh_kernel(ip):

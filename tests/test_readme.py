@@ -59,26 +59,6 @@ def test_readme_commands_match_the_scripts():
     assert "bash scripts/setup.sh" in ci and ".venv/bin/python -m pytest" in ci
 
 
-@pytest.fixture
-def shell(tmp_path, monkeypatch):
-    """A fresh IPython shell as a user would have it: nothing loaded, cwd in a temporary folder."""
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    from dreamer_magic import folders
-
-    monkeypatch.chdir(tmp_path)
-    config = Config()
-    config.HistoryManager.enabled = False
-    InteractiveShell.clear_instance()
-    ip = InteractiveShell.instance(config=config)
-    yield ip
-    if "dreamer_magic" in ip.extension_manager.loaded:
-        ip.run_line_magic("unload_ext", "dreamer_magic")
-    folders.set_output_folder(None)
-    InteractiveShell.clear_instance()
-
-
 def test_readme_tour_runs(shell, tmp_path, capsys):
     for source, expected in tour():
         result = shell.run_cell(source, store_history=False)
