@@ -540,7 +540,9 @@ def decode_json_many(values: Iterable[str]) -> list:
 
 
 def _now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    from .folders import now_iso
+
+    return now_iso()
 
 
 def _write_gitignore(folder: Path) -> None:

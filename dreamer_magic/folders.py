@@ -112,7 +112,14 @@ def set_output_folder(path: str | os.PathLike | None) -> Path:
 
 
 def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    """The one timestamp format of step.json, trainer.json and the generation cache (UTC).
+
+    Examples
+    --------
+    >>> now_iso().endswith("Z")
+    True
+    """
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def folder_size(path: Path) -> int:
@@ -144,6 +151,32 @@ def write_json_atomic(path: Path, data: Any) -> None:
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """A JSON object from ``path``, or ``None`` if it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` (before the metadata that commits them is written)."""
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so that a rename inside it is durable."""
+    _fsync_dir(path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -72,7 +72,7 @@ from typing import Any, Callable, Iterator
 
 from .errors import DreamerError, StorageError
 from .fingerprint import fingerprint, json_safe
-from .folders import OutputFolder, folder_size, now_iso, read_meta, write_json_atomic
+from .folders import OutputFolder, folder_size, fsync_tree as _fsync_tree, now_iso, read_json as _read_json, read_meta, write_json_atomic
 from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, CheckpointInfo, Status, resumed_from
 from . import steps
 from .steps import (
@@ -1081,25 +1081,6 @@ def _thin(points: list[tuple[int, float]], limit: int) -> list[list[float]]:
     if kept[-1] != points[-1]:
         kept.append(points[-1])
     return [[s, v] for s, v in kept]
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _fsync_tree(path: Path) -> None:
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
 
 
 # -- saving and loading models ----------------------------------------------------------------------
