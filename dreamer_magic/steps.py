@@ -55,6 +55,11 @@ class _Active(threading.local):
 _ACTIVE = _Active()
 
 
+def active_runs() -> list["StepRun"]:
+    """The steps and trainers running now in this thread, outermost first (one stack for both)."""
+    return list(_ACTIVE.runs)
+
+
 def active_statuses() -> list[Status]:
     """Statuses of the steps and trainers running now in this thread, outermost first."""
     return [run.status for run in _ACTIVE.runs]
