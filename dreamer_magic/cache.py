@@ -61,8 +61,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import xxhash
 
+from . import events
 from .errors import CacheMissError, DreamerError
-from .steps import active_statuses
 
 __all__ = [
     "TABLE",
@@ -213,40 +213,39 @@ def cache_folder(output_folder: str | os.PathLike | None = None) -> Path:
 
 
 # -- observers and this session's counts ------------------------------------------------------
-_observers: list[Callable[[str, int, int], Any]] = []
+# Hit/miss counts go out as events (events.py): running steps subscribe for their own thread.
+_observers: list[tuple[Any, int]] = []  # (fn, subscription token); fns may be unhashable
 _session: dict[str, list[int]] = {}  # database path -> [hits, misses]
 _session_lock = threading.Lock()
 
 
 def add_observer(fn: Callable[[str, int, int], Any]) -> None:
-    """Call ``fn(database_name, hits, misses)`` after every generation-cache lookup.
+    """Call ``fn(database_name, hits, misses)`` after every generation-cache lookup, in any thread.
 
     Examples
     --------
     >>> add_observer(status.count_cache)  # doctest: +SKIP
     """
-    if fn not in _observers:
-        _observers.append(fn)
+    if all(known != fn for known, _ in _observers):
+        _observers.append((fn, events.subscribe(fn)))
 
 
 def remove_observer(fn: Callable[[str, int, int], Any]) -> None:
     """Stop calling ``fn``; removing one that is not registered does nothing."""
-    try:
-        _observers.remove(fn)
-    except ValueError:
-        pass
+    for i, (known, token) in enumerate(_observers):
+        if known == fn:
+            del _observers[i]
+            events.unsubscribe(token)
+            return
 
 
 def record(database: Database, hits: int, misses: int) -> None:
-    """Count a lookup in this session's totals and tell the observers."""
+    """Count a lookup in this session's totals and publish it (running steps show it live)."""
     with _session_lock:
         counts = _session.setdefault(str(database.path), [0, 0])
         counts[0] += hits
         counts[1] += misses
-    for fn in list(_observers):
-        fn(database.name, hits, misses)
-    for status in active_statuses():  # the steps and trainers running now show it live
-        status.count_cache(database.name, hits, misses)
+    events.publish(database.name, hits, misses)
 
 
 def session_counts() -> dict[str, tuple[int, int]]:

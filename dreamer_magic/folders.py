@@ -21,8 +21,6 @@ Examples
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import re
@@ -263,25 +261,24 @@ class OutputFolder:
     def lock(self, name_path: str, on_wait: Callable[[], Any] | None = None) -> Iterator[None]:
         """Hold the lock of one step or trainer (across processes; freed if a process dies).
 
-        ``on_wait`` is called once if another kernel holds it, before waiting.
+        ``on_wait`` is called once if another kernel holds it, before waiting. The lock is an
+        OS file lock (``filelock``: ``fcntl`` on POSIX, ``msvcrt`` on Windows).
         """
+        from filelock import FileLock, Timeout
+
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / (name_path.replace("/", "__") + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        lock = FileLock(str(locks / (name_path.replace("/", "__") + ".lock")), thread_local=False)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
-                if on_wait is not None:
-                    on_wait()
-                fcntl.flock(fd, fcntl.LOCK_EX)
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait is not None:
+                on_wait()
+            lock.acquire()
+        try:
             yield
         finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            lock.release()
 
     # -- temporary folders ------------------------------------------------------------
     def new_temp(self, final: Path) -> Path:
@@ -407,6 +404,26 @@ class OutputFolder:
 
         walk(self.root, "")
         return out
+
+    def overview(self) -> list[dict[str, Any]]:
+        """One row per step and trainer folder, for ``%dreamer status``: name, kind, state, size,
+        backups, fingerprint, created, duration."""
+        rows = []
+        for name_path, kind, folder in self.entries():
+            meta, problem = read_meta(folder, "trainer.json" if kind == "trainer" else "step.json")
+            rows.append(
+                {
+                    "name": name_path,
+                    "kind": kind,
+                    "state": "complete" if meta else f"incomplete ({problem})",
+                    "size": folder_size(folder),
+                    "backups": len(self.backups(name_path)),
+                    "fingerprint": (meta or {}).get("fingerprint", ""),
+                    "created": (meta or {}).get("created", ""),
+                    "duration": (meta or {}).get("duration"),
+                }
+            )
+        return rows
 
     def backed_up_names(self) -> list[str]:
         base = self.root / BACKUPS

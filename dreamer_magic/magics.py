@@ -9,11 +9,8 @@ Examples
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import re
-import sys
-from typing import Any, Iterator
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -22,7 +19,7 @@ from traitlets import Bool, Unicode, observe
 
 from . import steps
 from .errors import DreamerError
-from .folders import OutputFolder, folder_size, get_output_folder, read_meta, set_output_folder, validate_name
+from .folders import OutputFolder, get_output_folder, read_meta, set_output_folder, validate_name
 
 _IPYTHON_NAMES = re.compile(r"^(_+|_i+\d*|_\d+|_oh|_ih|_dh|In|Out|get_ipython|exit|quit)$")
 
@@ -53,9 +50,14 @@ class DreamerMagics(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self._cells: dict[str, tuple[str, Any, str]] = {}
-        self._last_status: Any = None
+        self.frontend: Any = None  # the IPythonFrontend, set by load()
         if self.output_folder:
             set_output_folder(self.output_folder)
+
+    @observe("widgets")
+    def _widgets_changed(self, change: Any) -> None:
+        if self.frontend is not None:
+            self.frontend.live = None if change["new"] else False
 
     @observe("output_folder")
     def _output_folder_changed(self, change: Any) -> None:
@@ -118,19 +120,16 @@ class DreamerMagics(Magics):
     def _run_cell(self, kind: str, args: Any, cell: str) -> None:
         name = " ".join(args.name)
         try:
-            validate_name(name)
+            folder_name = validate_name(name)
         except DreamerError as e:
             raise UsageError(str(e)) from None
         if not cell.strip():
             raise UsageError(f"the {kind} {name!r} has an empty cell: put the code to cache below the magic line")
         source = self.shell.transform_cell(cell)
-        self._cells[validate_name(name)] = (source, args, kind)
-        from .status import Status
-
-        status = Status(kind=kind, name=name)
-        self._last_status = status
-        handle = self._display(status)
+        self._cells[folder_name] = (source, args, kind)
         options = dict(
+            frontend=self.frontend,
+            raw=cell,
             inputs=_names(args.inputs),
             outputs=_names(args.outputs),
             version=args.version,
@@ -138,170 +137,80 @@ class DreamerMagics(Magics):
             replay=self.replay and not args.no_replay,
             allow_pickle=self.allow_pickle,
             exclude=self._hidden_names(),
-            rerun=self._rerun,
-            status=status,
         )
         try:
             if kind == "step":
-                steps.run_cell_step(name, source, self.shell.user_ns, lambda: self._execute(source, cell), **options)
+                steps.run_cell_step(name, source, self.shell.user_ns, **options)
             else:
                 from . import trainers
 
-                trainers.run_cell_trainer(
-                    name, source, self.shell.user_ns, lambda: self._execute(source, cell), resume=not args.no_resume, **options
-                )
+                trainers.run_cell_trainer(name, source, self.shell.user_ns, resume=not args.no_resume, **options)
         except DreamerError as e:
-            status.error = status.error or str(e)
             raise UsageError(str(e)) from None
-        finally:
-            handle.finish()
 
-    # -- running the body -----------------------------------------------------------
-    def _execute(self, source: str, raw: str) -> None:
-        """Run the cell's code in the user namespace; the last expression is displayed as usual."""
-        shell = self.shell
-        filename = shell.compile.cache(source, shell.execution_count, raw_code=raw)
-        tree = ast.parse(source, filename)
-        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-        __tracebackhide__ = True  # noqa: F841 - IPython hides this frame in tracebacks
-        if tree.body:
-            exec(compile(tree, filename, "exec"), shell.user_ns)
-        if last is not None:
-            exec(compile(ast.Interactive([last]), filename, "single"), shell.user_ns)
-
-    def _rerun(self, statement: str) -> None:
-        exec(compile(statement, "<dreamer_magic: re-running an import/def/class>", "exec"), self.shell.user_ns)
+    @property
+    def _last_status(self) -> Any:
+        """The status of the last step or trainer cell (public: ``dreamer_magic.last_status()``)."""
+        return self.frontend.last_status
 
     def _hidden_names(self) -> set[str]:
         hidden = {n for n in self.shell.user_ns_hidden if self.shell.user_ns.get(n) is self.shell.user_ns_hidden[n]}
         return hidden | {n for n in self.shell.user_ns if _IPYTHON_NAMES.match(n)}
 
-    # -- display ---------------------------------------------------------------------
-    def _display(self, status: Any) -> Any:
-        from .widgets import display_status
-
-        return display_status(status, live=None if self.widgets else False)
-
-    @contextlib.contextmanager
-    def _capture_displays(self, records: list) -> Iterator[None]:
-        """Record rich outputs (HTML, images, plots, the last expression's value) while still showing them.
-
-        Live widgets (progress bars, say) are not recorded: replayed later they would be a
-        frozen snapshot of their first state. In a terminal the last expression's value is
-        printed to stdout, which is recorded already.
-        """
-
-        def record(data: dict | None, metadata: dict | None) -> None:
-            if data and not any("widget-view" in k or "widget-state" in k for k in data):
-                records.append({"data": dict(data), "metadata": metadata or {}})
-
-        pub = self.shell.display_pub
-        hook = self.shell.displayhook
-        original_publish = pub.publish
-        original_write = hook.write_format_data
-
-        def publish(data: dict, metadata: dict | None = None, *a: Any, **kw: Any) -> Any:
-            if not kw.get("transient"):
-                record(data, metadata)
-            return original_publish(data, metadata, *a, **kw)
-
-        def write_format_data(format_dict: dict, md_dict: dict | None = None) -> Any:
-            record(format_dict, md_dict)
-            return original_write(format_dict, md_dict)
-
-        patches = [(pub, "publish", publish)]
-        if type(hook).__name__.startswith("ZMQ"):
-            patches.append((hook, "write_format_data", write_format_data))
-        saved = [(obj, name, vars(obj).get(name)) for obj, name, _ in patches]
-        for obj, name, wrapper in patches:
-            setattr(obj, name, wrapper)
-        try:
-            yield
-        finally:  # put back exactly what was there (an outer step's wrapper, or nothing)
-            for obj, name, before in saved:
-                if before is None:
-                    vars(obj).pop(name, None)
-                else:
-                    setattr(obj, name, before)
-
-    def _replay(self, records: list) -> None:
-        from IPython.display import publish_display_data
-
-        for rec in records:
-            if "stream" in rec:
-                stream = sys.stderr if rec["stream"] == "stderr" else sys.stdout
-                stream.write(rec["text"])
-                stream.flush()
-            elif "data" in rec:
-                publish_display_data(rec["data"], rec.get("metadata") or {})
-
     # -- %dreamer -----------------------------------------------------------------------
+    @magic_arguments()
+    @argument(
+        "command",
+        nargs="?",
+        default=None,
+        help="output [PATH]: show or set the output folder; status: every step, trainer and generation "
+        "cache; why NAME: what changed since NAME's saved fingerprint; gc [--keep N]: delete old backups.",
+    )
+    @argument("target", nargs="*", help="the PATH for `output`, the NAME for `why`.")
+    @argument("--keep", default="0", help="gc: how many of the newest backups of each step and trainer to keep (default 0).")
     @line_magic
     def dreamer(self, line: str) -> Any:
         """Inspect and manage the output folder.
 
-        Usage::
+        For example:
 
             %dreamer output [PATH]     show or set the output folder
             %dreamer status            every step and trainer, its state, size and backups; generation caches
-            %dreamer why NAME          what changed since NAME's stored fingerprint
+            %dreamer why NAME          what changed since NAME's saved fingerprint
             %dreamer gc [--keep N]     delete all but the N newest backups of each step (default 0)
         """
-        words = line.split()
-        if not words:
+        args = parse_argstring(self.dreamer, line)
+        commands = {"output": self._output, "status": self._status, "why": self._why, "gc": self._gc}
+        if args.command is None:
             raise UsageError("say what to do: `%dreamer output [PATH]`, `%dreamer status`, `%dreamer why NAME` or `%dreamer gc [--keep N]`")
-        command, rest = words[0], line.strip()[len(words[0]):].strip()
+        if args.command not in commands:
+            raise UsageError(f"unknown %dreamer command {args.command!r}; use one of: {', '.join(commands)}")
         try:
-            if command == "output":
-                return self._output(rest)
-            if command == "status":
-                return self._status()
-            if command == "why":
-                return self._why(rest)
-            if command == "gc":
-                return self._gc(rest)
+            return commands[args.command](args)
         except DreamerError as e:
             raise UsageError(str(e)) from None
-        raise UsageError(f"unknown %dreamer command {command!r}; use one of: output, status, why, gc")
 
-    def _output(self, rest: str) -> None:
-        if rest:
-            path = rest.strip().strip("'\"")
-            self.output_folder = path
+    def _output(self, args: Any) -> None:
+        if args.target:
+            self.output_folder = " ".join(args.target).strip("'\"")
             OutputFolder(get_output_folder()).ensure()
         print(f"output folder: {get_output_folder()}")
 
-    def _status(self) -> Any:
+    def _status(self, args: Any) -> Any:
         from .widgets import render_overview
 
         out = OutputFolder(get_output_folder())
-        rows = []
-        for name_path, kind, folder in out.entries():
-            meta_file = "trainer.json" if kind == "trainer" else "step.json"
-            meta, problem = read_meta(folder, meta_file)
-            rows.append(
-                {
-                    "name": name_path,
-                    "kind": kind,
-                    "state": "complete" if meta else f"incomplete ({problem})",
-                    "size": folder_size(folder),
-                    "backups": len(out.backups(name_path)),
-                    "fingerprint": (meta or {}).get("fingerprint", ""),
-                    "created": (meta or {}).get("created", ""),
-                    "duration": (meta or {}).get("duration"),
-                }
-            )
         caches: list[dict] = []
         if out.cache_dir.is_dir():
             from . import cache
 
             caches = cache.list_databases(out.cache_dir)
-        return render_overview(rows, caches)
+        return render_overview(out.overview(), caches)
 
-    def _why(self, rest: str) -> Any:
+    def _why(self, args: Any) -> Any:
         from .widgets import render_why
 
-        name = rest.strip().strip("'\"")
+        name = " ".join(args.target).strip("'\"")
         if not name:
             raise UsageError("say which step: `%dreamer why NAME`")
         folder_name = validate_name(name)
@@ -334,13 +243,10 @@ class DreamerMagics(Magics):
         )
         return render_why(name, lines)
 
-    def _gc(self, rest: str) -> None:
-        keep = 0
-        words = rest.split()
-        if words:
-            if len(words) != 2 or words[0] != "--keep" or not words[1].isdigit():
-                raise UsageError("usage: `%dreamer gc [--keep N]` with N a whole number of backups to keep per step")
-            keep = int(words[1])
+    def _gc(self, args: Any) -> None:
+        if args.target or not str(args.keep).isdigit():
+            raise UsageError("usage: `%dreamer gc [--keep N]` with N a whole number of backups to keep per step")
+        keep = int(args.keep)
         from .widgets import human_size
 
         removed, freed = OutputFolder(get_output_folder()).gc(keep)
@@ -348,23 +254,27 @@ class DreamerMagics(Magics):
 
 
 def load(shell: Any) -> None:
-    """Register the magics and the hooks the core calls (see ``load_ipython_extension``)."""
+    """Register the magics and install the IPython frontend (see ``load_ipython_extension``)."""
+    from .frontend import IPythonFrontend
+
+    unload(shell)  # a second %load_ext (or %reload_ext) replaces, never stacks
     magics = DreamerMagics(shell)
+    magics.frontend = IPythonFrontend(shell, live=None if magics.widgets else False)
     shell.register_magics(magics)
     shell._dreamer_magics = magics
-    steps.DISPLAY_HOOK = lambda status: magics._display(status)
-    steps.CAPTURE_HOOK = magics._capture_displays
-    steps.REPLAY_HOOK = magics._replay
+    steps.use_frontend(magics.frontend)
 
 
 def unload(shell: Any) -> None:
-    """Remove every magic and hook that :func:`load` added."""
+    """Remove every magic, configurable and frontend that :func:`load` added."""
     magics = getattr(shell, "_dreamer_magics", None)
     if magics is None:
         return
     for kind, names in (("cell", ("dreamer_step", "dreamer_train")), ("line", ("dreamer",))):
         for name in names:
-            shell.magics_manager.magics[kind].pop(name, None)
+            if shell.magics_manager.magics[kind].get(name) is not None:
+                shell.magics_manager.magics[kind].pop(name, None)
     shell.magics_manager.registry.pop("DreamerMagics", None)
-    steps.DISPLAY_HOOK = steps.CAPTURE_HOOK = steps.REPLAY_HOOK = None
+    shell.configurables[:] = [c for c in shell.configurables if not isinstance(c, DreamerMagics)]
+    steps.use_frontend(None)
     del shell._dreamer_magics

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
-from . import __version__
+from . import __version__, events
 from .cell import analyze, changed_lines
 from .errors import DreamerError, FingerprintError, PickleRefusedError, StorageError
 from .fingerprint import FORMAT_VERSION, LINEAGE, combine, fingerprint, normalise_source, package_version, source_of
@@ -36,13 +36,6 @@ from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING
 
 STEP_FILE = "step.json"
 REPLAY_FILE = "replay.json"
-
-# Set by magics.py: called with a Status before a step starts, returns a handle with .finish().
-DISPLAY_HOOK: Callable[[Status], Any] | None = None
-# Set by magics.py: a context manager factory that records rich displays into a list.
-CAPTURE_HOOK: Callable[[list], ContextManager[Any]] | None = None
-# Set by magics.py: replays recorded outputs (streams and rich displays).
-REPLAY_HOOK: Callable[[list], None] | None = None
 
 class _Active(threading.local):
     """The steps running now in this thread, outermost first (a step called from a worker
@@ -195,30 +188,89 @@ class _Tee:
         return getattr(self._stream, attr)
 
 
-@contextlib.contextmanager
-def _capture(records: list) -> Iterator[None]:
-    out, err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Tee(out, "stdout", records), _Tee(err, "stderr", records)
-    try:
-        if CAPTURE_HOOK is not None:
-            with CAPTURE_HOOK(records):
-                yield
-        else:
+class Frontend:
+    """The one seam between the lifecycle and wherever the cell runs; this base is plain Python.
+
+    Examples
+    --------
+    >>> fe = Frontend()
+    >>> ns = {}
+    >>> fe.run_cell("x = 1 + 1", ns); ns["x"]
+    2
+
+    The step and trainer lifecycles never reach back into the notebook any other way: they
+    run a cell's body (:meth:`run_cell`), re-run its definitions on a hit (:meth:`rerun`),
+    record and replay its output (:meth:`capture`, :meth:`replay`) and show its status
+    (:meth:`show`). ``frontend.py`` subclasses it for IPython; this plain version serves
+    scripts and ``@step`` outside a notebook, printing one status line per step.
+    """
+
+    name = "python"
+
+    def __init__(self) -> None:
+        self.last_status: Status | None = None
+
+    def run_cell(self, source: str, namespace: dict, raw: str | None = None) -> None:
+        """Execute a cell's code in ``namespace``; the value of a last expression is shown."""
+        import ast
+
+        tree = ast.parse(source, "<dreamer cell>")
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        if tree.body:
+            exec(compile(tree, "<dreamer cell>", "exec"), namespace)
+        if last is not None:
+            exec(compile(ast.Interactive([last]), "<dreamer cell>", "single"), namespace)
+
+    def rerun(self, statement: str, namespace: dict) -> None:
+        """Re-run one ``import``/``def``/``class`` statement of a cell after a hit."""
+        exec(compile(statement, "<dreamer_magic: re-running an import/def/class>", "exec"), namespace)
+
+    @contextlib.contextmanager
+    def capture(self, records: list) -> Iterator[None]:
+        """Record what the body prints (``{"stream": ..., "text": ...}``) while still showing it."""
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, "stdout", records), _Tee(err, "stderr", records)
+        try:
             yield
-    finally:
-        sys.stdout, sys.stderr = out, err
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+    def replay(self, records: list) -> None:
+        """Show recorded output again (rich displays as their plain text)."""
+        for rec in records:
+            if "stream" in rec:
+                (sys.stderr if rec["stream"] == "stderr" else sys.stdout).write(rec["text"])
+            elif "data" in rec and "text/plain" in rec["data"]:
+                print(rec["data"]["text/plain"])
+
+    def show(self, status: Status) -> Any:
+        """Show ``status`` for a step that starts now; returns a handle whose ``finish()`` ends it."""
+        from .widgets import TextStatus
+
+        return TextStatus(status)
 
 
-def replay(records: list) -> None:
-    """Show recorded output again: through the magic's hook, or as plain prints."""
-    if REPLAY_HOOK is not None:
-        REPLAY_HOOK(records)
-        return
-    for rec in records:
-        if "stream" in rec:
-            (sys.stderr if rec["stream"] == "stderr" else sys.stdout).write(rec["text"])
-        elif "data" in rec and "text/plain" in rec["data"]:
-            print(rec["data"]["text/plain"])
+_FRONTEND: list[Frontend] = [Frontend()]  # [the frontend of a step that is not nested in another]
+
+
+def use_frontend(frontend: Frontend | None) -> Frontend:
+    """Make ``frontend`` the one top-level steps use (``None``: the plain-Python default).
+
+    ``%load_ext dreamer_magic`` installs the IPython one and ``%unload_ext`` removes it.
+    Returns the frontend now in use.
+    """
+    _FRONTEND[0] = frontend if frontend is not None else Frontend()
+    return _FRONTEND[0]
+
+
+def current_frontend() -> Frontend:
+    """The frontend of the innermost running step in this thread, else the installed one."""
+    return _ACTIVE.runs[-1].frontend if _ACTIVE.runs else _FRONTEND[0]
+
+
+def last_status() -> Status | None:
+    """The status of the last step or trainer shown by the frontend in use (for tests and tools)."""
+    return _FRONTEND[0].last_status
 
 
 class StepRun:
@@ -233,12 +285,22 @@ class StepRun:
 
     meta_file = STEP_FILE
 
-    def __init__(self, spec: StepSpec, execute: Callable[[], dict], status: Status | None = None) -> None:
+    def __init__(
+        self,
+        spec: StepSpec,
+        execute: Callable[[], dict],
+        status: Status | None = None,
+        frontend: Frontend | None = None,
+        *,
+        namespace: dict | None = None,
+    ) -> None:
         self.spec = spec
         self.execute = execute
         self.folder_name = validate_name(spec.name)
         self.status = status or Status(kind=spec.kind, name=spec.name)
         self.parent = _ACTIVE.runs[-1] if _ACTIVE.runs else None
+        self.frontend = frontend or current_frontend()
+        self.namespace = namespace  # the user namespace of a cell step (definitions re-run there)
         self.out = OutputFolder(get_output_folder())
         self.name_path = f"{self.parent.name_path}/{self.folder_name}" if self.parent else self.folder_name
         self.tmp: Path | None = None
@@ -258,7 +320,18 @@ class StepRun:
 
     # -- the lifecycle ------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Hit, restore or run; returns the output values."""
+        """Show the status, then hit, restore or run; returns the output values."""
+        handle = self.frontend.show(self.status)
+        if self.parent is None:
+            self.frontend.last_status = self.status
+        token = events.subscribe(self.status.count_cache, this_thread=True)
+        try:
+            return self._run()
+        finally:
+            events.unsubscribe(token)
+            handle.finish()
+
+    def _run(self) -> dict[str, Any]:
         status = self.status
         status.state = RUNNING
         status.folder = str(self.final)
@@ -359,9 +432,20 @@ class StepRun:
 
         return load_outputs(folder, entries, allow_pickle=self.spec.allow_pickle)
 
+    def rebind(self) -> None:
+        """Re-run the cell's ``import``/``def``/``class`` statements, as a run would have bound them.
+
+        Done before the outputs load, so that instances of a class the cell defines unpickle.
+        """
+        if self.namespace is None:
+            return
+        for statement in self.spec.rebind:
+            self.frontend.rerun(statement, self.namespace)
+
     def _load(self, folder: Path, meta: dict, state: str, started: float) -> dict[str, Any]:
         status = self.status
         entries = meta.get("outputs") or {}
+        self.rebind()
         values = self._load_values(folder, entries)
         self._note_outputs(folder, entries)
         self._mark_lineage(meta["fingerprint"], values)
@@ -377,7 +461,7 @@ class StepRun:
             replay_path = folder / REPLAY_FILE
             if replay_path.exists():
                 with contextlib.suppress(OSError, ValueError):
-                    replay(json.loads(replay_path.read_text(encoding="utf-8")))
+                    self.frontend.replay(json.loads(replay_path.read_text(encoding="utf-8")))
         status.changed()
         self.values = values
         return values
@@ -389,7 +473,7 @@ class StepRun:
         try:
             status.changed()
             body_started = time.perf_counter()  # what a hit saves: the body, not waiting or hashing
-            with _capture(records):
+            with self.frontend.capture(records):
                 namespace = self.execute()
             duration = time.perf_counter() - body_started
             values = self._collect(namespace)
@@ -548,14 +632,7 @@ def step(name: str, *, version: str | None = None, force: bool = False, allow_pi
                 force=force,
                 allow_pickle=allow_pickle,
             )
-            status = Status(kind="step", name=name)
-            handle = DISPLAY_HOOK(status) if DISPLAY_HOOK is not None else None
-            try:
-                values = StepRun(spec, execute, status).run()
-            finally:
-                if handle is not None:
-                    handle.finish()
-            return values["result"]
+            return StepRun(spec, execute).run()["result"]
 
         wrapper.step_name = name  # type: ignore[attr-defined]
         return wrapper
@@ -660,36 +737,26 @@ def run_cell_step(
     name: str,
     source: str,
     namespace: dict,
-    execute: Callable[[], Any],
     *,
-    rerun: Callable[[str], Any] | None = None,
+    frontend: Frontend | None = None,
+    raw: str | None = None,
     status: Status | None = None,
     **options: Any,
 ) -> Status:
     """Run a cell as a step: work out inputs/outputs, fingerprint, hit or run, put outputs in ``namespace``.
 
-    ``execute()`` runs the body in ``namespace``. ``rerun(source)`` re-executes the
-    ``import``/``def``/``class`` statements on a hit (defaults to ``exec`` in ``namespace``).
-    ``options`` are those of :func:`cell_spec`.
+    The ``frontend`` runs the body (``raw`` is the cell as typed, for tracebacks) and re-runs
+    its ``import``/``def``/``class`` statements on a hit; ``options`` are those of
+    :func:`cell_spec`.
     """
+    frontend = frontend or current_frontend()
     spec, info = cell_spec(name, source, namespace, **options)
 
     def run_body() -> dict:
-        execute()
+        frontend.run_cell(source, namespace, raw)
         return namespace
 
-    run = StepRun(spec, run_body, status)
+    run = StepRun(spec, run_body, status, frontend, namespace=namespace)
     values = run.run()
-    if run.status.state in (LOADED, RESTORED):
-        rerun_statements(info.rebind, namespace, rerun, name)
     namespace.update(values)
     return run.status
-
-
-def rerun_statements(statements: list[str], namespace: dict, rerun: Callable[[str], Any] | None, name: str) -> None:
-    """Re-bind a cell's ``import``/``def``/``class`` names after a hit."""
-    for stmt in statements:
-        if rerun is not None:
-            rerun(stmt)
-        else:
-            exec(compile(stmt, f"<dreamer_step {name}>", "exec"), namespace)

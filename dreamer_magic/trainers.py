@@ -78,13 +78,12 @@ from . import steps
 from .steps import (
     REPLAY_FILE,
     StepRun,
+    Frontend,
     StepSpec,
-    _capture,
     _describe,
     cell_spec,
     components_of,
     fingerprint_of,
-    rerun_statements,
     why,
     write_replay,
 )
@@ -621,8 +620,9 @@ class TrainerRun(StepRun):
         *,
         resume: bool = True,
         namespace: dict | None = None,
+        frontend: Frontend | None = None,
     ) -> None:
-        super().__init__(spec, execute, status)
+        super().__init__(spec, execute, status, frontend, namespace=namespace)
         self.out = _TrainerFolder(self.out.root)
         self.resume = resume
         self.namespace = namespace if namespace is not None else {}
@@ -762,7 +762,7 @@ class TrainerRun(StepRun):
             self.namespace["Checkpointer"] = Checkpointer
         try:
             try:
-                with _capture(records), _patched_trainer(self):
+                with self.frontend.capture(records), _patched_trainer(self):
                     namespace = self.execute()
             finally:
                 self.finished = True
@@ -1453,30 +1453,29 @@ def run_cell_trainer(
     name: str,
     source: str,
     namespace: dict,
-    execute: Callable[[], Any],
     *,
+    frontend: Frontend | None = None,
+    raw: str | None = None,
     resume: bool = True,
-    rerun: Callable[[str], Any] | None = None,
     status: Status | None = None,
     **options: Any,
 ) -> Status:
     """Run a cell as a trainer: fingerprint, then load (hit), restore, resume or train; put outputs in ``namespace``.
 
-    ``execute()`` runs the body in ``namespace``; ``resume=False`` is ``--no-resume``;
-    ``rerun(source)`` re-executes the ``import``/``def``/``class`` statements on a hit;
-    ``options`` are those of :func:`dreamer_magic.steps.cell_spec` (``inputs``, ``outputs``,
-    ``version``, ``force``, ``replay``, ``allow_pickle``, ``exclude``).
+    The ``frontend`` runs the body and re-runs its definitions on a hit; ``resume=False`` is
+    ``--no-resume``; ``options`` are those of :func:`dreamer_magic.steps.cell_spec`
+    (``inputs``, ``outputs``, ``version``, ``force``, ``replay``, ``allow_pickle``, ``exclude``).
     """
+    frontend = frontend or steps.current_frontend()
     spec, info = cell_spec(name, source, namespace, kind="trainer", **options)
 
     def run_body() -> dict:
-        execute()
+        frontend.run_cell(source, namespace, raw)
         return namespace
 
-    run = TrainerRun(spec, run_body, status or Status(kind="trainer", name=name), resume=resume, namespace=namespace)
+    run = TrainerRun(
+        spec, run_body, status or Status(kind="trainer", name=name), resume=resume, namespace=namespace, frontend=frontend
+    )
     values = run.run()
-    if run.status.state in (LOADED, RESTORED):
-        rerun_statements(info.rebind, namespace, rerun, name)
     namespace.update(values)
     return run.status
-

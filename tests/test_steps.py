@@ -263,7 +263,7 @@ def test_reload_and_unload_extension(ip):
     assert ip.find_cell_magic("dreamer_step") is None and ip.find_line_magic("dreamer") is None
     from dreamer_magic import steps
 
-    assert steps.DISPLAY_HOOK is None
+    assert type(steps.current_frontend()) is steps.Frontend, "the IPython frontend is uninstalled"
     ip.run_line_magic("load_ext", "dreamer_magic")
     assert ip.find_cell_magic("dreamer_train") is not None
 
@@ -304,3 +304,35 @@ def test_two_names_for_one_folder_share_why(ip):
     ip.run_cell_magic("dreamer_step", "Clean Reviews", "b = a\n")
     ip.user_ns["a"] = 2
     assert "input `a` changed" in ip.run_line_magic("dreamer", "why clean-reviews")._repr_mimebundle_()["text/plain"]
+
+
+def test_reload_twice_then_unload_leaves_no_trace(shell, tmp_path):
+    """Every magic, configurable, event handler and frontend that loading added goes away again."""
+    from traitlets.config import Config
+
+    from dreamer_magic import steps
+    from dreamer_magic.folders import get_output_folder
+
+    def snapshot():
+        return (
+            {k: set(v) for k, v in shell.magics_manager.magics.items()},
+            set(shell.magics_manager.registry),
+            [type(c).__name__ for c in shell.configurables],
+            {name: list(cbs) for name, cbs in shell.events.callbacks.items()},
+            hasattr(shell, "_dreamer_magics"),
+            type(steps.current_frontend()),
+        )
+
+    shell.run_line_magic("load_ext", "storemagic")  # IPython's own extension magics register on first use
+    before = snapshot()
+    shell.run_line_magic("load_ext", "dreamer_magic")
+    shell.run_line_magic("reload_ext", "dreamer_magic")
+    shell.run_line_magic("reload_ext", "dreamer_magic")
+    assert [type(c).__name__ for c in shell.configurables].count("DreamerMagics") == 1
+    shell.run_line_magic("unload_ext", "dreamer_magic")
+    assert snapshot() == before
+    folder = get_output_folder()
+    shell.run_line_magic("config", f"DreamerMagics.output_folder = '{tmp_path / 'after'}'")
+    assert get_output_folder() == folder, "%config of an unloaded extension acts on nothing"
+    shell.run_line_magic("load_ext", "dreamer_magic")
+    assert shell.find_cell_magic("dreamer_step") is not None

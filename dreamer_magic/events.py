@@ -1,0 +1,56 @@
+"""Generation-cache hit/miss events: the cache publishes, running steps and trainers subscribe.
+
+Pure and tiny (stdlib only), so that both the generation cache and the step lifecycle can
+import it without importing each other.
+
+Examples
+--------
+>>> seen = []
+>>> token = subscribe(lambda database, hits, misses: seen.append((database, hits, misses)))
+>>> publish("gpt2-0123", 3, 1)
+>>> unsubscribe(token); publish("gpt2-0123", 1, 0)
+>>> seen
+[('gpt2-0123', 3, 1)]
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+Listener = Callable[[str, int, int], Any]
+
+_lock = threading.Lock()
+_listeners: dict[int, tuple[Listener, int | None]] = {}
+_next = 0
+
+
+def subscribe(listener: Listener, *, this_thread: bool = False) -> int:
+    """Call ``listener(database, hits, misses)`` after every generation-cache lookup.
+
+    With ``this_thread=True`` only lookups made in the calling thread are reported (a step
+    counts what its own body looked up, not what another thread's step did). Returns a token
+    for :func:`unsubscribe`.
+    """
+    global _next
+    with _lock:
+        _next += 1
+        _listeners[_next] = (listener, threading.get_ident() if this_thread else None)
+        return _next
+
+
+def unsubscribe(token: int) -> None:
+    """Stop a subscription; an unknown token does nothing."""
+    with _lock:
+        _listeners.pop(token, None)
+
+
+def publish(database: str, hits: int, misses: int) -> None:
+    """Tell every subscriber about one lookup (called by the generation cache)."""
+    if not _listeners:
+        return
+    me = threading.get_ident()
+    with _lock:
+        targets = [fn for fn, thread in _listeners.values() if thread is None or thread == me]
+    for fn in targets:
+        fn(database, hits, misses)
