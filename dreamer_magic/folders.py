@@ -135,6 +135,47 @@ def folder_size(path: Path) -> int:
     return total
 
 
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 23) -> str:
+    """xxh3-128 of a file's content, read in 8 MB chunks."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_digest(path: str | os.PathLike) -> str:
+    """xxh3-128 of a file, or of every file under a folder (relative paths, sizes, contents).
+
+    Symlinks are not followed. Examples: ``tree_digest(step / "_dataset")`` changes whenever
+    any byte of the saved dataset does.
+    """
+    import xxhash
+
+    root = Path(path)
+    if root.is_file() and not root.is_symlink():
+        return file_digest(root)
+    h = xxhash.xxh3_128()
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            full = Path(dirpath, name)
+            files.append((full.relative_to(root).as_posix(), full))
+    for rel, full in sorted(files):
+        h.update(rel.encode("utf-8", "surrogatepass") + b"\x00")
+        if full.is_symlink():
+            h.update(b"link:" + os.readlink(full).encode("utf-8", "surrogatepass"))
+        else:
+            h.update(str(full.stat().st_size).encode() + b":" + file_digest(full).encode())
+    return h.hexdigest()
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON under a temporary name, fsync, rename into place."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")

@@ -82,7 +82,7 @@ class DreamerMagics(Magics):
         versions): the body does not run, the outputs are loaded from disk and the recorded
         output is replayed. Changed: it runs, and the previous folder moves to _backups.
 
-        Example::
+        For example:
 
             %%dreamer_step clean-reviews
             reviews = raw[raw.stars > 2].reset_index(drop=True)
@@ -108,7 +108,7 @@ class DreamerMagics(Magics):
         model is saved to ``<name>/_model``. Re-running a finished trainer loads the model
         instead of training.
 
-        Example::
+        For example:
 
             %%dreamer_train sft-small
             trainer = Trainer(model=model, args=args, train_dataset=train_ds)

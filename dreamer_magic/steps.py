@@ -31,7 +31,7 @@ from . import __version__, events
 from .cell import analyze, changed_lines
 from .errors import DreamerError, FingerprintError, PickleRefusedError, StorageError
 from .fingerprint import FORMAT_VERSION, LINEAGE, combine, fingerprint, normalise_source, package_version, source_of
-from .folders import OutputFolder, get_output_folder, now_iso, read_meta, validate_name
+from .folders import OutputFolder, get_output_folder, now_iso, read_meta, tree_digest, validate_name
 from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Status
 
 STEP_FILE = "step.json"
@@ -123,6 +123,7 @@ def components_of(spec: StepSpec) -> dict[str, Any]:
         "inputs": input_fingerprints(spec.inputs),
         "version": spec.version,
         "libraries": libraries,
+        **({"outputs": list(spec.outputs)} if spec.strict_outputs else {}),
         **({"extra": fingerprint(spec.extra)} if spec.extra else {}),
     }
 
@@ -163,6 +164,8 @@ def why(meta: dict | None, components: dict[str, Any], source: str, problem: str
     for lib in sorted(set(old_libs) | set(new_libs)):
         if old_libs.get(lib) != new_libs.get(lib):
             reasons.append(f"library {lib}: {old_libs.get(lib)} → {new_libs.get(lib)}")
+    if old.get("outputs") != components.get("outputs"):
+        reasons.append(f"--outputs changed: {old.get('outputs')!r} → {components.get('outputs')!r}")
     if old.get("extra") != components.get("extra"):
         reasons.append("arguments changed")
     if old.get("kind") != components.get("kind"):
@@ -305,6 +308,7 @@ class StepRun:
         self.name_path = f"{self.parent.name_path}/{self.folder_name}" if self.parent else self.folder_name
         self.tmp: Path | None = None
         self.values: dict[str, Any] = {}
+        self.entries: dict[str, dict] = {}  # step.json's "outputs" of the result saved or loaded
         # Where this step's folder and its backups live: the output folder, or for a nested
         # step the folder its parent is writing (so nested backups travel with the parent).
         if self.parent is None:
@@ -445,6 +449,7 @@ class StepRun:
     def _load(self, folder: Path, meta: dict, state: str, started: float) -> dict[str, Any]:
         status = self.status
         entries = meta.get("outputs") or {}
+        self.entries = entries
         self.rebind()
         values = self._load_values(folder, entries)
         self._note_outputs(folder, entries)
@@ -477,6 +482,7 @@ class StepRun:
                 namespace = self.execute()
             duration = time.perf_counter() - body_started
             values = self._collect(namespace)
+            values.update(self._mutated_inputs(components))
             self._save(values, records, components, fp, duration)
         except KeyboardInterrupt:
             self._discard()
@@ -518,11 +524,36 @@ class StepRun:
             values[name] = value
         return values
 
+    def _mutated_inputs(self, components: dict) -> dict[str, Any]:
+        """Inputs the body changed in place (``lst.append``, ``df.drop(inplace=True)``, a model's
+        weights): they become outputs, so a hit leaves them as a run would."""
+        if self.namespace is None:
+            return {}
+        before = components.get("inputs") or {}
+        out = {}
+        for name in self.spec.inputs:
+            if name in self.spec.outputs or name not in self.namespace or name not in before:
+                continue
+            value = self.namespace[name]
+            try:
+                now = fingerprint(value)
+            except Exception:  # noqa: BLE001 - it was fingerprinted before the body ran
+                self.status.notes.append(f"`{name}` cannot be fingerprinted after the run: a change to it is not restored on a hit")
+                continue
+            if now != before[name]:
+                out[name] = value
+                self.status.notes.append(f"`{name}` was changed in place by the cell: saved, and restored on a hit")
+        return out
+
     def _save(self, values: dict, records: list, components: dict, fp: str, duration: float) -> None:
         from .storage import save_outputs
 
         assert self.tmp is not None
         entries = save_outputs(values, self.tmp)
+        for entry in entries.values():
+            if entry.get("path"):
+                entry["digest"] = tree_digest(self.tmp / entry["path"])
+        self.entries = entries
         write_replay(self.tmp, records)
         meta = self.metadata(components, fp, entries, duration)
         final = self.final
@@ -570,11 +601,21 @@ class StepRun:
         ]
 
     def _mark_lineage(self, fp: str, values: dict) -> None:
-        """Datasets this step produced are fingerprinted by the step's fingerprint from now on."""
-        inputs = [id(v) for v in self.spec.inputs.values()]
+        """Datasets this step produced are fingerprinted by their lineage from now on: the step's
+        fingerprint, the output's name and the digest of what was saved, so the key changes
+        whenever the data does (a ``--force`` re-run, a non-deterministic body), in this kernel
+        and after a restart alike. A ``DatasetDict``'s splits are marked one by one."""
+        inputs = {id(v) for v in self.spec.inputs.values()}
+        entries = self.entries
         for name, value in values.items():
-            if type(value).__module__.startswith("datasets") and id(value) not in inputs:
-                LINEAGE.set(value, combine(fp, name))
+            if not type(value).__module__.startswith("datasets") or id(value) in inputs:
+                continue
+            digest = (entries.get(name) or {}).get("digest")
+            key = combine(fp, name, digest) if digest else combine(fp, name)
+            LINEAGE.set(value, key)
+            if isinstance(value, dict):  # DatasetDict / IterableDatasetDict: the splits are what hashes
+                for split, part in value.items():
+                    LINEAGE.set(part, combine(key, str(split)))
 
 
 def write_replay(folder: Path, records: list) -> None:
@@ -759,4 +800,7 @@ def run_cell_step(
     run = StepRun(spec, run_body, status, frontend, namespace=namespace)
     values = run.run()
     namespace.update(values)
+    if run.status.state in (LOADED, RESTORED):
+        for deleted in info.deleted:  # as the body's `del` would have left it
+            namespace.pop(deleted, None)
     return run.status
