@@ -14,13 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "Embedder", "cached", "step", "Checkpointer", "__version__"]
+__all__ = ["LLM", "Embedder", "cached", "step", "Checkpointer", "last_status", "__version__"]
 
 _LAZY = {
     "LLM": "models",
     "Embedder": "models",
     "cached": "models",
     "step": "steps",
+    "last_status": "steps",
     "Checkpointer": "trainers",
 }
 
