@@ -40,13 +40,24 @@ class IPythonFrontend(Frontend):
 
     # -- running code ---------------------------------------------------------------
     def run_cell(self, source: str, namespace: dict, raw: str | None = None) -> None:
-        """Run the cell's code as IPython would: the last expression is displayed, tracebacks
-        show the cell's own lines."""
+        """Run the cell's code as IPython would: the last expression is displayed, and a
+        traceback names the right ``Cell In[n]`` and the line numbers the editor shows.
+
+        ``raw`` is the cell as typed; when it starts with the ``%%dreamer_...`` line, the body
+        is compiled one line down, so that its first line is line 2, as in the editor.
+        """
+        __tracebackhide__ = True  # noqa: F841 - IPython hides this frame in tracebacks
         shell = self.shell
-        filename = shell.compile.cache(source, shell.execution_count, raw_code=raw if raw is not None else source)
+        raw = raw if raw is not None else source
+        header = raw.split("\n", 1)[0] if raw.startswith("%%") else None
+        if header is not None:  # a comment keeps the cached text valid Python for inspect
+            source = "\n" + source
+            cached = "# " + header + source
+        else:
+            cached = source
+        filename = shell.compile.cache(cached, shell.execution_count, raw_code=raw)
         tree = ast.parse(source, filename)
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-        __tracebackhide__ = True  # noqa: F841 - IPython hides this frame in tracebacks
         if tree.body:
             exec(compile(tree, filename, "exec"), namespace)
         if last is not None:

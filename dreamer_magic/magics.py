@@ -88,8 +88,9 @@ class DreamerMagics(Magics):
             reviews = raw[raw.stars > 2].reset_index(drop=True)
             print(len(reviews), "reviews kept")
         """
+        __tracebackhide__ = True  # noqa: F841 - an error in the body shows the user's frames only
         args = parse_argstring(self.dreamer_step, line)
-        self._run_cell("step", args, cell)
+        self._run_cell("step", args, cell, f"%%dreamer_step {line}")
 
     @magic_arguments()
     @argument("name", nargs="+", help="The trainer's name; it names its folder.")
@@ -114,10 +115,12 @@ class DreamerMagics(Magics):
             trainer = Trainer(model=model, args=args, train_dataset=train_ds)
             trainer.train()
         """
+        __tracebackhide__ = True  # noqa: F841
         args = parse_argstring(self.dreamer_train, line)
-        self._run_cell("trainer", args, cell)
+        self._run_cell("trainer", args, cell, f"%%dreamer_train {line}")
 
-    def _run_cell(self, kind: str, args: Any, cell: str) -> None:
+    def _run_cell(self, kind: str, args: Any, cell: str, magic_line: str) -> None:
+        __tracebackhide__ = True  # noqa: F841
         name = " ".join(args.name)
         try:
             folder_name = validate_name(name)
@@ -129,7 +132,7 @@ class DreamerMagics(Magics):
         self._cells[folder_name] = (source, args, kind)
         options = dict(
             frontend=self.frontend,
-            raw=cell,
+            raw=magic_line + "\n" + cell,
             inputs=_names(args.inputs),
             outputs=_names(args.outputs),
             version=args.version,

@@ -325,6 +325,7 @@ class StepRun:
     # -- the lifecycle ------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Show the status, then hit, restore or run; returns the output values."""
+        __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         handle = self.frontend.show(self.status)
         if self.parent is None:
             self.frontend.last_status = self.status
@@ -336,6 +337,7 @@ class StepRun:
             handle.finish()
 
     def _run(self) -> dict[str, Any]:
+        __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status = self.status
         status.state = RUNNING
         status.folder = str(self.final)
@@ -372,6 +374,7 @@ class StepRun:
             status.changed()
 
     def _decide_and_go(self, components: dict, fp: str, started: float) -> dict[str, Any]:
+        __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status, spec = self.status, self.spec
         current, problem = read_meta(self.final, self.meta_file)
         meta = current
@@ -472,6 +475,7 @@ class StepRun:
         return values
 
     def _run_and_save(self, components: dict, fp: str, started: float) -> dict[str, Any]:
+        __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status, spec = self.status, self.spec
         self.tmp = self.out.new_temp(self.final)
         records: list = []
@@ -790,10 +794,12 @@ def run_cell_step(
     its ``import``/``def``/``class`` statements on a hit; ``options`` are those of
     :func:`cell_spec`.
     """
+    __tracebackhide__ = True  # noqa: F841
     frontend = frontend or current_frontend()
     spec, info = cell_spec(name, source, namespace, **options)
 
     def run_body() -> dict:
+        __tracebackhide__ = True  # noqa: F841
         frontend.run_cell(source, namespace, raw)
         return namespace
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -336,3 +337,14 @@ def test_reload_twice_then_unload_leaves_no_trace(shell, tmp_path):
     assert get_output_folder() == folder, "%config of an unloaded extension acts on nothing"
     shell.run_line_magic("load_ext", "dreamer_magic")
     assert shell.find_cell_magic("dreamer_step") is not None
+
+
+def test_error_in_body_shows_the_users_frame_at_the_editors_line(ip, capsys):
+    ip.user_ns["x"] = 1
+    result = ip.run_cell("%%dreamer_step boom\ny = x + 1\nz = 1 / 0\n")
+    assert isinstance(result.error_in_exec, ZeroDivisionError)
+    out = capsys.readouterr()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.out + out.err)
+    assert "----> 3 z = 1 / 0" in text, text
+    assert "dreamer_magic/steps.py" not in text and "dreamer_magic/frontend.py" not in text
+    assert "dreamer_magic/magics.py" not in text
