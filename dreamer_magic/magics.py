@@ -272,7 +272,7 @@ class DreamerMagics(Magics):
         print(f"output folder: {get_output_folder()}")
 
     def _status(self) -> Any:
-        from .widgets import render_overview
+        from .render import render_overview
 
         out = OutputFolder(get_output_folder())
         rows = []
@@ -299,7 +299,7 @@ class DreamerMagics(Magics):
         return render_overview(rows, caches)
 
     def _why(self, rest: str) -> Any:
-        from .widgets import render_why
+        from .render import render_why
 
         name = rest.strip().strip("'\"")
         if not name:
@@ -341,7 +341,7 @@ class DreamerMagics(Magics):
             if len(words) != 2 or words[0] != "--keep" or not words[1].isdigit():
                 raise UsageError("usage: `%dreamer gc [--keep N]` with N a whole number of backups to keep per step")
             keep = int(words[1])
-        from .widgets import human_size
+        from .render import human_size
 
         removed, freed = OutputFolder(get_output_folder()).gc(keep)
         print(f"removed {removed} backup{'s' if removed != 1 else ''}, freed {human_size(freed)}")
