@@ -14,7 +14,8 @@ Examples
 
 The words follow one vocabulary (see :mod:`dreamer_magic.status`): a cell *ran*, was *loaded
 from disk*, *restored from backup*, *resumed from checkpoint-N*; what the output folder holds is
-*complete* or *incomplete*; *saved* is only time saved; training progress is *training N/M*.
+*complete* or *incomplete*; *saved* is only time saved; training progress is *training step
+N/M*, never a bare "step" (that word is a ``%%dreamer_step``).
 """
 
 from __future__ import annotations
@@ -686,8 +687,8 @@ def loss_svg(
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="dreamer-loss-svg" width="{width}" '
         f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="training loss by step" data-points="{len(pts)}">',
-        f"<title>training loss: {_esc(_fmt_loss(pts[-1][1]))} at step {last_step}</title>",
+        f'aria-label="training loss curve" data-points="{len(pts)}">',
+        f"<title>training loss: {_esc(_fmt_loss(pts[-1][1]))} at training step {last_step}</title>",
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" style="{axis}"/>',
         f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" style="{axis}"/>',
         f'<text x="{left - 4}" y="{top + 8}" text-anchor="end" style="{label}">'

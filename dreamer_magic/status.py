@@ -23,9 +23,9 @@ One vocabulary, used by the cards, the text status line and ``%dreamer status`` 
   disk) or ``incomplete`` (the reason follows in parentheses: the next run runs, or resumes
   from a checkpoint). A stored thing is complete or incomplete; a cell ran, loaded, restored,
   resumed, failed or was interrupted.
-- "checkpoint" is only a training checkpoint; "step" is only a ``%%dreamer_step`` (training
-  progress is "training N/M"); "saved" is only time saved by a hit (disk writes are "written",
-  results on disk are "kept").
+- "checkpoint" is only a training checkpoint; a bare "step" is only a ``%%dreamer_step``
+  (training progress is "training step N/M"); "saved" is only time saved by a hit (disk writes
+  are "written", results on disk are "kept").
 """
 
 from __future__ import annotations
