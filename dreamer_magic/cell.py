@@ -321,21 +321,43 @@ def changed_lines(old: str, new: str) -> list[str]:
     >>> changed_lines("a = 1\\nb = 2", "a = 1\\nb = 3")
     ['line 2: `b = 2` → `b = 3`']
     """
-    old_lines, new_lines = code_lines(old), code_lines(new)
     out = []
+    for where, before, after in line_changes(old, new):
+        if before is not None and after is not None:
+            out.append(f"{where}: `{before}` → `{after}`")
+        elif after is not None:
+            out.append(f"{where} added: `{after}`")
+        else:
+            out.append(f"{where}: removed `{before}`")
+    return out
+
+
+def line_changes(old: str, new: str) -> list[tuple[str, str | None, str | None]]:
+    """Where the code lines of a cell changed: ``(where, before, after)``, shortened.
+
+    ``where`` uses the new cell's line numbers; ``before`` is ``None`` for added lines,
+    ``after`` is ``None`` for removed ones.
+
+    Examples
+    --------
+    >>> line_changes("a = 1\\nb = 2", "a = 1\\nb = 3\\nc = 4")
+    [('lines 2-3', 'b = 2', 'b = 3 / c = 4')]
+    """
+    old_lines, new_lines = code_lines(old), code_lines(new)
+    out: list[tuple[str, str | None, str | None]] = []
     matcher = difflib.SequenceMatcher(a=old_lines, b=new_lines, autojunk=False)
     for op, i1, i2, j1, j2 in matcher.get_opcodes():
         if op == "equal":
             continue
-        before = " / ".join(s.strip() for s in old_lines[i1:i2])
-        after = " / ".join(s.strip() for s in new_lines[j1:j2])
+        before = _short(" / ".join(s.strip() for s in old_lines[i1:i2]))
+        after = _short(" / ".join(s.strip() for s in new_lines[j1:j2]))
         where = f"line {j1 + 1}" if j2 - j1 <= 1 else f"lines {j1 + 1}-{j2}"
         if op == "replace":
-            out.append(f"{where}: `{_short(before)}` → `{_short(after)}`")
+            out.append((where, before, after))
         elif op == "insert":
-            out.append(f"{where} added: `{_short(after)}`")
+            out.append((where, None, after))
         else:
-            out.append(f"line {j1 + 1}: removed `{_short(before)}`")
+            out.append((f"line {j1 + 1}", before, None))
     return out
 
 

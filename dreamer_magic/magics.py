@@ -200,7 +200,7 @@ class DreamerMagics(Magics):
         print(f"output folder: {get_output_folder()}")
 
     def _status(self, args: Any) -> Any:
-        from .widgets import render_overview
+        from .render import render_overview
 
         out = OutputFolder(get_output_folder())
         caches: list[dict] = []
@@ -211,7 +211,7 @@ class DreamerMagics(Magics):
         return render_overview(out.overview(), caches)
 
     def _why(self, args: Any) -> Any:
-        from .widgets import render_why
+        from .render import render_why
 
         name = " ".join(args.target).strip("'\"")
         if not name:
@@ -250,7 +250,7 @@ class DreamerMagics(Magics):
         if args.target or not str(args.keep).isdigit():
             raise UsageError("usage: `%dreamer gc [--keep N]` with N a whole number of backups to keep per step")
         keep = int(args.keep)
-        from .widgets import human_size
+        from .render import human_size
 
         removed, freed = OutputFolder(get_output_folder()).gc(keep)
         print(f"removed {removed} backup{'s' if removed != 1 else ''}, freed {human_size(freed)}")

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
 from . import __version__, events
-from .cell import analyze, changed_lines
+from .cell import analyze, line_changes
 from .errors import DreamerError, FingerprintError, PickleRefusedError, StorageError
 from .fingerprint import FORMAT_VERSION, LINEAGE, combine, fingerprint, normalise_source, package_version, source_of
 from .folders import OutputFolder, get_output_folder, now_iso, read_meta, tree_digest, validate_name
-from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Status
+from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status
 
 STEP_FILE = "step.json"
 REPLAY_FILE = "replay.json"
@@ -132,45 +132,47 @@ def fingerprint_of(components: dict[str, Any]) -> str:
     return combine(json.dumps(components, sort_keys=True))
 
 
-def why(meta: dict | None, components: dict[str, Any], source: str, problem: str | None = None) -> list[str]:
-    """What changed between a stored result and now, in the user's words.
+def why(meta: dict | None, components: dict[str, Any], source: str, problem: str | None = None) -> list[Reason]:
+    """What changed between a stored result and now, as typed reasons (:class:`~dreamer_magic.status.Reason`).
 
     Examples
     --------
     >>> why(None, {}, "")
     ['first run: no saved result']
+    >>> why(None, {}, "")[0].kind
+    'first-run'
     """
     if meta is None:
-        return [f"first run: {problem}" if problem and problem != "no saved result" else "first run: no saved result"]
+        return [Reason.first_run(problem)]
     old = meta.get("components") or {}
     reasons = []
     if old.get("format") != components.get("format"):
-        reasons.append("the fingerprint format changed (dreamer_magic upgrade)")
+        reasons.append(Reason.format_changed())
     if old.get("source") != components.get("source"):
-        lines = changed_lines(meta.get("source", ""), source)
-        reasons.append("code changed: " + "; ".join(lines) if lines else "code changed")
+        changes = line_changes(meta.get("source", ""), source)
+        reasons.append(Reason.code_changed(Reason.code_line(*change) for change in changes))
     old_inputs, new_inputs = old.get("inputs") or {}, components.get("inputs") or {}
     for name in new_inputs:
         if name not in old_inputs:
-            reasons.append(f"new input `{name}`")
+            reasons.append(Reason.input_added(name))
         elif old_inputs[name] != new_inputs[name]:
-            reasons.append(f"input `{name}` changed")
+            reasons.append(Reason.input_changed(name))
     for name in old_inputs:
         if name not in new_inputs:
-            reasons.append(f"input `{name}` no longer read")
+            reasons.append(Reason.input_gone(name))
     if old.get("version") != components.get("version"):
-        reasons.append(f"--version changed: {old.get('version')!r} → {components.get('version')!r}")
+        reasons.append(Reason.version_changed(old.get("version"), components.get("version")))
     old_libs, new_libs = old.get("libraries") or {}, components.get("libraries") or {}
     for lib in sorted(set(old_libs) | set(new_libs)):
         if old_libs.get(lib) != new_libs.get(lib):
-            reasons.append(f"library {lib}: {old_libs.get(lib)} → {new_libs.get(lib)}")
+            reasons.append(Reason.library_changed(lib, old_libs.get(lib), new_libs.get(lib)))
     if old.get("outputs") != components.get("outputs"):
-        reasons.append(f"--outputs changed: {old.get('outputs')!r} → {components.get('outputs')!r}")
+        reasons.append(Reason("--outputs changed", "arguments", old=old.get("outputs"), new=components.get("outputs")))
     if old.get("extra") != components.get("extra"):
-        reasons.append("arguments changed")
+        reasons.append(Reason.arguments_changed())
     if old.get("kind") != components.get("kind"):
-        reasons.append(f"was a {old.get('kind')}, now a {components.get('kind')}")
-    return reasons or ["fingerprint changed"]
+        reasons.append(Reason.kind_changed(str(old.get("kind")), str(components.get("kind"))))
+    return reasons or [Reason.note("fingerprint changed")]
 
 
 class _Tee:
@@ -248,7 +250,7 @@ class Frontend:
 
     def show(self, status: Status) -> Any:
         """Show ``status`` for a step that starts now; returns a handle whose ``finish()`` ends it."""
-        from .widgets import TextStatus
+        from .render import TextStatus
 
         return TextStatus(status)
 
@@ -391,9 +393,9 @@ class StepRun:
                 except StorageError as e:
                     problem = f"the saved result could not be loaded ({e}); running again"
                     meta = None
-        status.reasons = ["--force"] if spec.force else why(meta, components, spec.source, problem)
+        status.reasons = [Reason.force()] if spec.force else why(meta, components, spec.source, problem)
         if problem and meta is not None:
-            status.reasons.append(problem)
+            status.reasons.append(Reason.problem(problem))
         status.changed()
         return self._run_and_save(components, fp, started)
 
@@ -464,7 +466,7 @@ class StepRun:
         status.saved = max(original - load_time, 0.0)
         status.duration = load_time
         if state == RESTORED:
-            status.reasons = ["the code and inputs match a backup: restored it instead of running"]
+            status.reasons = [Reason.restored()]
         if self.spec.replay:
             replay_path = folder / REPLAY_FILE
             if replay_path.exists():
@@ -760,7 +762,7 @@ def explain(
     exclude: set[str] | frozenset[str] = frozenset(),
     kind: str = "step",
     components_for: Callable[[StepSpec], dict] = components_of,
-) -> list[str]:
+) -> list[Reason]:
     """``%dreamer why``: what differs between the saved result and the cell as it is now.
 
     ``components_for`` computes the fingerprint components (trainers pass their own).
@@ -768,14 +770,11 @@ def explain(
     spec, _ = cell_spec(name, source, namespace, inputs=inputs, version=version, exclude=exclude, kind=kind)
     components = components_for(spec)
     if meta is not None and meta.get("fingerprint") == fingerprint_of(components):
-        return [f"nothing changed: the saved result (fingerprint {meta['fingerprint'][:12]}) will be loaded"]
-    out = []
-    for reason in why(meta, components, source, problem):
-        name = reason.split("`")[1] if reason.startswith("input `") else None
-        if name is not None and reason.endswith("no longer read") and name not in namespace:
-            reason = f"input `{name}` is not defined in this kernel: run the cells that define it first"
-        out.append(reason)
-    return out
+        return [Reason.unchanged(meta["fingerprint"])]
+    return [
+        Reason.input_undefined(r.subject) if r.kind == "input-gone" and r.subject not in namespace else r
+        for r in why(meta, components, source, problem)
+    ]
 
 
 def run_cell_step(

@@ -64,7 +64,7 @@ def logged(path: Path) -> list:
 def test_trains_redirects_checkpoints_saves_model_and_reloads_in_a_new_kernel(ip, tmp_path, loss_file):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from dreamer_magic import widgets
+    from dreamer_magic import render
 
     inputs(ip)
     tok_class = type(ip.user_ns["tok"])
@@ -118,9 +118,9 @@ def test_trains_redirects_checkpoints_saves_model_and_reloads_in_a_new_kernel(ip
     assert (hit.step, hit.max_steps) == (20, 20) and len(hit.losses) == 20
     assert [c.name for c in hit.checkpoints] == ["checkpoint-10", "checkpoint-20"]
     assert hit.saved is not None
-    text = widgets.status_text(hit)
+    text = render.status_text(hit)
     assert "loaded from disk" in text and "checkpoint-20" in text and "step 20/20" in text
-    assert "<svg" in widgets.status_html(hit)  # the loss curve
+    assert "<svg" in render.status_html(hit)  # the loss curve
 
     # and once more after the hit, in the same kernel; `%dreamer why` agrees
     assert train(ip, "sft-small", cell).state == LOADED
