@@ -261,13 +261,16 @@ def _path_arg(value: Any) -> str | None:
     return value if os.path.isabs(value) else os.path.join(os.getcwd(), value)
 
 
-def _from_import_system() -> bool:
-    # frame 0 is this function, 1 the hook; 2 the Python code that called open/listdir
+def _caller_file(depth: int = 2) -> str:
+    # called from the hook: frame 0 is this function, 1 the hook, 2 the code that raised the event
     try:
-        filename = sys._getframe(2).f_code.co_filename
+        return sys._getframe(depth).f_code.co_filename
     except ValueError:
-        return False
-    return filename.startswith("<frozen importlib")
+        return ""
+
+
+def _from_import_system() -> bool:
+    return _caller_file(3).startswith("<frozen importlib")
 
 
 def _audit(event: str, args: tuple) -> None:
@@ -326,6 +329,8 @@ def _audit(event: str, args: tuple) -> None:
             command = args[0]
             t._commands.setdefault(os.fsdecode(command) if isinstance(command, bytes) else str(command), None)
         elif event in ("os.exec", "os.posix_spawn", "os.spawn"):
+            if os.path.basename(_caller_file()) == "subprocess.py":
+                return  # the Popen above already named it (3.13 spawns through posix_spawn)
             path = args[1] if event == "os.spawn" else args[0]
             t._commands.setdefault(os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path), None)
     except Exception:  # an audit hook must never break the user's code
