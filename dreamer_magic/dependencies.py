@@ -424,22 +424,30 @@ def _feed_state(h: Any, value: Any) -> None:
         h.update(b"V" + repr(value).encode())
 
 
-def _rng_states() -> dict[str, Any]:
+def _rng_states(names: Iterable[str] | None = None) -> dict[str, Any]:
     """The current raw global RNG states of the generators that exist in this process."""
     import random
 
-    states: dict[str, Any] = {"random": random.getstate()}
+    wanted = None if names is None else set(names)
+    states: dict[str, Any] = {}
+    if wanted is None or "random" in wanted:
+        states["random"] = random.getstate()
     np_random = sys.modules.get("numpy.random")
+    if wanted is not None and "np.random" not in wanted:
+        np_random = None
     if np_random is not None and hasattr(np_random, "mtrand"):
         try:
             states["np.random"] = np_random.mtrand._rand.get_state(legacy=False)
         except Exception:
             pass
     torch = sys.modules.get("torch")
+    if wanted is not None and not wanted & {"torch", "torch.cuda"}:
+        torch = None
     if torch is not None and hasattr(torch, "random") and hasattr(torch.random, "get_rng_state"):
-        states["torch"] = torch.random.get_rng_state()
+        if wanted is None or "torch" in wanted:
+            states["torch"] = torch.random.get_rng_state()
         try:
-            if torch.cuda.is_initialized():
+            if (wanted is None or "torch.cuda" in wanted) and torch.cuda.is_initialized():
                 states["torch.cuda"] = torch.cuda.get_rng_state_all()
         except Exception:
             pass
@@ -452,34 +460,33 @@ def _state_digest(state: Any) -> str:
     return h.hexdigest()
 
 
-def _rng_digests() -> dict[str, str]:
-    return {name: _state_digest(state) for name, state in _rng_states().items()}
+def _rng_digests(names: Iterable[str] | None = None) -> dict[str, str]:
+    return {name: _state_digest(state) for name, state in _rng_states(names).items()}
 
 
 # The functions that set a global RNG's state outright: wrapped while any trace is active so a
 # body that seeds before drawing does not depend on the start state.
-_SEEDERS = {
-    "random": [("random", ("seed", "setstate"))],
-    "np.random": [("numpy.random", ("seed", "set_state")), ("numpy.random.mtrand", ("seed", "set_state"))],
-    "torch": [("torch", ("manual_seed", "seed", "set_rng_state")),
-              ("torch.random", ("manual_seed", "seed", "set_rng_state"))],
+_SEEDERS = {  # generators a call sets -> (module, function names)
+    ("random",): [("random", ("seed", "setstate"))],
+    ("np.random",): [("numpy.random", ("seed", "set_state")), ("numpy.random.mtrand", ("seed", "set_state"))],
+    ("torch",): [("torch", ("set_rng_state",)), ("torch.random", ("set_rng_state",))],
+    ("torch", "torch.cuda"): [("torch", ("manual_seed", "seed")), ("torch.random", ("manual_seed", "seed"))],
 }
 _patched: list[tuple[Any, str, Any]] = []
 _seeder_users = 0
 
 
-def _seed_wrapper(rng: str, original: Any) -> Any:
+def _seed_wrapper(rngs: tuple[str, ...], original: Any) -> Any:
     def seeding(*args: Any, **kwargs: Any) -> Any:
         stack = getattr(_local, "stack", None)
         if stack:
-            pending = [t for t in stack if rng in t._rng_start and rng not in t._rng_seeded]
+            pending = [(t, r) for t in stack for r in rngs if r in t._rng_start and r not in t._rng_seeded]
             if pending:
                 with _paused():
-                    state = _rng_states().get(rng)
-                now = _state_digest(state) if state is not None else None
-                for t in pending:
+                    now = _rng_digests({r for _, r in pending})
+                for t, r in pending:
                     # untouched since the trace began: the start state cannot matter any more
-                    t._rng_seeded[rng] = now == t._rng_start[rng]
+                    t._rng_seeded[r] = now.get(r) == t._rng_start[r]
         return original(*args, **kwargs)
 
     seeding.__wrapped__ = original  # type: ignore[attr-defined]
@@ -495,7 +502,7 @@ def _patch_seeders() -> None:
         _seeder_users += 1
         if _seeder_users > 1:
             return
-        for rng, places in _SEEDERS.items():
+        for rngs, places in _SEEDERS.items():
             for module_name, names in places:
                 module = sys.modules.get(module_name)
                 if module is None:
@@ -504,7 +511,7 @@ def _patch_seeders() -> None:
                     original = getattr(module, name, None)
                     if original is None or getattr(original, "__name__", "") == "seeding":
                         continue
-                    setattr(module, name, _seed_wrapper(rng, original))
+                    setattr(module, name, _seed_wrapper(rngs, original))
                     _patched.append((module, name, original))
 
 
@@ -979,6 +986,15 @@ def _top_level_of_file(filename: str) -> tuple[str, str] | None:
 
 # import-machinery helpers that run during any import, whatever the body does
 _NOT_LIBRARIES = frozenset({"_distutils_hack", "__editable__", "_virtualenv"})
+# the notebook's own machinery, which runs around every cell (display, output capture, the
+# kernel's threads) without shaping what a step computes; dreamer_magic is in the fingerprint
+RUNTIME_DISTRIBUTIONS = frozenset({
+    "dreamer_magic", "ipython", "ipykernel", "ipywidgets", "widgetsnbextension", "traitlets", "comm",
+    "jupyter_client", "jupyter-client", "jupyter_core", "jupyter-core", "pyzmq", "tornado", "debugpy",
+    "matplotlib-inline", "matplotlib_inline", "prompt_toolkit", "prompt-toolkit", "executing", "stack-data",
+    "stack_data", "asttokens", "pure-eval", "pure_eval", "decorator", "pygments", "Pygments", "parso", "jedi",
+    "wcwidth", "pexpect", "ptyprocess", "nest-asyncio", "nest_asyncio", "psutil", "setuptools", "pip",
+})
 
 
 def _distributions(top_levels: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -987,6 +1003,8 @@ def _distributions(top_levels: Iterable[tuple[str, str]]) -> dict[str, str]:
         if top in _NOT_LIBRARIES or top.startswith("__editable__"):
             continue
         for dist in _owners(top, root):
+            if dist in RUNTIME_DISTRIBUTIONS:
+                continue
             version = _dist_version(dist)
             if version is not None:
                 out[dist] = version
@@ -1218,7 +1236,7 @@ class Trace:
             untracked = self._record_untracked(source)
             writes = sorted(
                 _display(p, self.cwd) for p in self._written
-                if not self._skip_file(p) and not os.path.isdir(p)
+                if not self._skip_file(p) and os.path.isfile(p)
             )
             return {
                 "format": FORMAT,
@@ -1564,7 +1582,7 @@ def _check_rng(recorded: dict, cwd: str) -> Iterable[Change]:
     wanted = {name: item["start"] for name, item in recorded.get("rng", {}).items() if item.get("start")}
     if not wanted:
         return
-    now = _rng_digests()
+    now = _rng_digests(wanted)
     for name, start in wanted.items():
         if now.get(name) != start:
             yield Change("rng", name, f"the global RNG state of `{name}` differs from the saved run")

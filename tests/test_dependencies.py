@@ -116,7 +116,7 @@ def test_what_the_body_wrote_then_read_back_is_not_a_dependency(work):
         (work / "output" / "saved.txt").read_text()
     recorded = t.record()
     assert paths(recorded) == ["input.txt"]
-    assert recorded["writes"] == ["made.txt", "renamed.txt", "tmp.part"]
+    assert recorded["writes"] == ["made.txt", "renamed.txt"]  # left outside the output folder
 
 
 def test_library_and_module_files_are_not_dependencies(work):
@@ -443,6 +443,20 @@ def test_libraries_whose_code_ran_count_by_version(work):
     ]
     older["libraries"] = {"no-such-distribution-xyz": "1.0"}
     assert texts(older) == ["library `no-such-distribution-xyz` is no longer installed (was 1.0)"]
+
+
+def test_notebook_cells_are_not_user_code_but_what_they_call_is(shell, helpers):
+    shell.user_ns["helpers"] = helpers
+    shell.run_cell("def from_a_cell(values):\n    return helpers.clean(values)\n", store_history=False)
+    Path("cell.txt").write_text("1")
+    with trace(output_folder=Path.cwd() / "output") as t:
+        result = shell.run_cell("kept = from_a_cell([0.2, 0.7]); open('cell.txt').read()", store_history=False)
+    result.raise_error()
+    recorded = t.record()
+    assert shell.user_ns["kept"] == [0.7]
+    assert functions(recorded) == ["clean"]  # from_a_cell is the cell fingerprint's business
+    assert paths(recorded) == ["cell.txt"]
+    assert not {"ipython", "traitlets"} & set(recorded["libraries"])  # the notebook's machinery
 
 
 # --------------------------------------------------------------------------- RNG
