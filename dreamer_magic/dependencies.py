@@ -758,8 +758,12 @@ def _index_loaded(module: types.ModuleType, filename: str) -> dict[str, list[typ
             seen.add(id(obj))
             for value in list(vars(obj).values()):
                 visit(value, depth + 1)
-        else:
-            wrapped = getattr(obj, "__wrapped__", None) if not isinstance(obj, types.ModuleType) else None
+        elif isinstance(obj, (dict, list, tuple)) and depth < 2:  # HANDLERS = {"a": lambda ...}
+            seen.add(id(obj))
+            for item in list(obj.values() if isinstance(obj, dict) else obj)[:1000]:
+                visit(item, depth + 1)
+        elif not isinstance(obj, types.ModuleType):
+            wrapped = getattr(obj, "__wrapped__", None)
             func = getattr(obj, "func", None)  # functools.cached_property, partialmethod
             for inner in (wrapped, func):
                 if isinstance(inner, types.FunctionType):
@@ -1543,6 +1547,15 @@ def _check_code(recorded: dict, cwd: str) -> Iterable[Change]:
                 qualname = item["qualname"]
                 if qualname not in digests:
                     digests[qualname] = {_code_digest(c) for c in index.get(qualname, ())}
+                if item["digest"] not in digests[qualname] and module is not None:
+                    # not reachable from the loaded module's names (kept only in a closure or
+                    # a registry): the file on disk is the best witness (an unreloaded edit
+                    # then reads as a change: a needless re-run, never a stale hit)
+                    if compiled is None:
+                        compiled = _compile_file(path)
+                    if compiled is not None:
+                        disk = _index_compiled(compiled[0])
+                        digests[qualname] |= {_code_digest(c) for c in disk.get(qualname, ())}
                 if item["digest"] not in digests[qualname]:
                     what = "no longer exists" if not digests[qualname] else "changed"
                     yield Change("module", f"{prefix}{qualname}", f"function `{prefix}{qualname}` {what} ({shown})")

@@ -271,6 +271,20 @@ class Model:
     @staticmethod
     def helper():
         return "static"
+
+
+HANDLERS = {"twice": lambda x: 2 * x}
+
+
+def _hidden(x):
+    return x - 1
+
+
+def make_hidden(found=_hidden):  # reachable only through a default argument
+    return found
+
+
+del _hidden
 '''
 
 
@@ -337,6 +351,20 @@ def test_functions_that_ran_are_recorded_and_those_not_called_are_not(helpers):
     assert entry["globals"] == {"THRESHOLD": deps._literal_digest(0.5)}
     assert check(recorded) == []
     assert check_in_fresh_python(recorded, Path.cwd()) == []
+
+
+def test_functions_kept_in_a_registry_or_only_by_reference(helpers):
+    hidden = helpers.make_hidden()
+    with trace() as t:
+        helpers.HANDLERS["twice"](2)
+        hidden(1)
+    recorded = t.record()
+    assert functions(recorded) == ["<lambda>", "_hidden"]
+    assert check(recorded) == []
+    assert check_in_fresh_python(recorded, Path.cwd()) == []
+    name = helpers.__name__
+    edit(helpers, "return x - 1", "return x - 2")
+    assert check_in_fresh_python(recorded, Path.cwd()) == [f"function `{name}._hidden` changed ({name}.py)"]
 
 
 def test_an_edit_without_reload_is_no_change_until_the_module_reloads(helpers):
