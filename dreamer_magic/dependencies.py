@@ -63,6 +63,17 @@ hit, :func:`restore_rng` sets the end state saved with :func:`rng_end_state`.
 environment variables read by the cell, found statically in its source
 (:func:`untracked_in_source`; Python has no audit event for them).
 
+API (all JSON-able in, JSON-able out):
+
+* ``trace(output_folder=None, cwd=None, ignore=()) -> Trace``, a context manager; after it,
+  ``Trace.record(declared_files=(), source=None) -> dict`` gives ``{"format", "python",
+  "files", "folders", "code", "libraries", "rng", "untracked", "writes"}`` (``writes``: files
+  the body left outside the output folder, which a hit does not recreate).
+* ``check(recorded, cwd=None, *, first_only=False) -> list[Change]``; ``Change(kind, subject,
+  text)`` with kind "file", "folder", "module", "library" or "rng".
+* ``rng_end_state(names=None) -> dict`` and ``restore_rng(saved)``.
+* ``untracked_in_source(source) -> list[str]``.
+
 Threads and nesting: a trace covers the thread that entered it (the audit hook and the profile
 hook filter by thread; background threads the body starts are not traced). Traces nest: a step
 inside a step records its own reads, and the outer trace sees them too (they are merged into it
@@ -240,7 +251,6 @@ def _resolve(path: str, cwd: str) -> str:
 
 # --------------------------------------------------------------------------- the audit hook
 
-_OPEN_EVENTS = frozenset({"open"})
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _EVENTS = frozenset({
     "open", "os.listdir", "os.scandir", "os.rename", "os.mkdir",
@@ -1118,7 +1128,6 @@ class Trace:
         self._rng_start: dict[str, str] = {}
         self._rng_end: dict[str, str] = {}
         self._rng_seeded: dict[str, bool] = {}  # rng -> seeded before any draw
-        self._thread = None
         self._open = False
         self._finished = False
 
@@ -1132,7 +1141,6 @@ class Trace:
         if stack is None:
             stack = _local.stack = []
         parent = stack[-1] if stack else None
-        self._thread = threading.get_ident()
         with _paused():
             self._modules_before = set(sys.modules)
             self._rng_start = _rng_digests()
@@ -1167,6 +1175,9 @@ class Trace:
     def __exit__(self, *exc: Any) -> None:
         global _active, _threads_tracing
         if self._profiler is not None:
+            if sys.getprofile() is not self._profiler:  # the body started its own (%prun)
+                self._code_note = ("functions outside the notebook: partly tracked "
+                                   "(the body replaced the trace's profile hook)")
             self._profiler.disable()
         stack = _local.stack
         assert stack and stack[-1] is self, "traces must exit in the order they were entered"
@@ -1603,7 +1614,6 @@ def _check_rng(recorded: dict, cwd: str) -> Iterable[Change]:
 
 # --------------------------------------------------------------------------- the cell's source
 
-_ENV_NAMES = ("environ",)
 _GETENV = ("getenv", "getenvb")
 
 
