@@ -82,6 +82,7 @@ when the inner one exits). ``record`` and ``check`` pause tracing of their own r
 
 from __future__ import annotations
 
+import array
 import ast
 import base64
 import dataclasses
@@ -422,6 +423,12 @@ def _feed_state(h: Any, value: Any) -> None:
             _feed_state(h, value[k])
         h.update(b"}")
     elif isinstance(value, (tuple, list)):
+        if len(value) > 16 and all(type(item) is int for item in value):  # random's 625 words
+            try:
+                h.update(b"I%d" % len(value) + array.array("Q", value).tobytes())
+                return
+            except OverflowError:  # negative or wider than 64 bits: the general path below
+                pass
         h.update(b"(%d" % len(value))
         for item in value:
             _feed_state(h, item)
@@ -779,7 +786,9 @@ def _index_loaded(module: types.ModuleType, filename: str) -> dict[str, list[typ
                 if isinstance(inner, types.FunctionType):
                     visit(inner, depth + 1)
 
-    for value in list(vars(module).values()):
+    for key, value in list(vars(module).items()):
+        if key.startswith("__") and not isinstance(value, types.FunctionType):
+            continue  # __builtins__, __spec__, __loader__...; a module __getattr__ still counts
         try:
             visit(value)
         except Exception:  # an object with hostile attribute access: skip it
