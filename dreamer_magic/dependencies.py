@@ -97,6 +97,7 @@ import xxhash
 
 __all__ = [
     "Change",
+    "user_modules_reached",
     "Trace",
     "check",
     "restore_rng",
@@ -1117,7 +1118,8 @@ class Trace:
     """What one run of a body read; made by :func:`trace`, read with :meth:`record`."""
 
     def __init__(self, output_folder: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None,
-                 ignore: Iterable[str | os.PathLike] = ()) -> None:
+                 ignore: Iterable[str | os.PathLike] = (), code: bool | None = None) -> None:
+        self.watch_code = _MONITORING if code is None else bool(code)
         self.cwd = os.path.abspath(os.fspath(cwd) if cwd is not None else os.getcwd())
         extra = [os.fspath(output_folder)] if output_folder is not None else []
         extra += [os.fspath(p) for p in ignore]
@@ -1155,7 +1157,9 @@ class Trace:
             self._rng_start = _rng_digests()
         _patch_seeders()
         # code collection
-        if _MONITORING:
+        if not self.watch_code:
+            pass
+        elif _MONITORING:
             self._monitoring = _monitor_start()
             if not self._monitoring:
                 self._code_note = ("functions outside the notebook: not tracked "
@@ -1224,7 +1228,8 @@ class Trace:
         self._codes |= inner._codes
 
     # -- the record
-    def record(self, declared_files: Iterable[str | os.PathLike] = (), source: str | None = None) -> dict[str, Any]:
+    def record(self, declared_files: Iterable[str | os.PathLike] = (), source: str | None = None,
+               modules: Iterable[str] = ()) -> dict[str, Any]:
         """The dependencies of the run, JSON-able, for ``step.json["dependencies"]``.
 
         Examples
@@ -1242,6 +1247,9 @@ class Trace:
             exist is recorded as missing (its appearance is a change).
         source
             The cell's source, to name the environment variables it reads (``untracked``).
+        modules
+            User modules whose every function counts, whether it ran or not (the static
+            record used where functions are not watched; see :func:`user_modules_reached`).
 
         Returns
         -------
@@ -1256,7 +1264,7 @@ class Trace:
             raise RuntimeError("record() comes after the traced body has finished")
         with _paused():
             files, folders = self._record_files(declared_files)
-            code, libraries = self._record_code()
+            code, libraries = self._record_code(modules)
             untracked = self._record_untracked(source)
             writes = sorted(
                 _display(p, self.cwd) for p in self._written
@@ -1324,9 +1332,17 @@ class Trace:
                 files[fe["path"]] = fe
         return list(files.values()), list(folders.values())
 
-    def _record_code(self) -> tuple[list[dict], dict[str, str]]:
+    def _record_code(self, modules: Iterable[str] = ()) -> tuple[list[dict], dict[str, str]]:
         by_file: dict[str, list[types.CodeType]] = {}
         library_tops: set[tuple[str, str]] = set()
+        for name in modules:  # statically reached: every function of the module counts
+            module = sys.modules.get(name)
+            f = getattr(module, "__file__", None)
+            if module is None or not isinstance(f, str) or not f.endswith(".py") or not _is_user_file(f):
+                continue
+            path = os.path.abspath(f)
+            for codes in _index_loaded(module, path).values():
+                by_file.setdefault(path, []).extend(codes)
         for code in self._codes:
             filename = code.co_filename
             if not (code.co_flags & _CO_OPTIMIZED) or not filename or filename[0] == "<":
@@ -1443,7 +1459,7 @@ _MISSING = object()
 
 
 def trace(output_folder: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None,
-          ignore: Iterable[str | os.PathLike] = ()) -> Trace:
+          ignore: Iterable[str | os.PathLike] = (), *, code: bool | None = None) -> Trace:
     """Trace what the body run inside the ``with`` block reads besides its inputs.
 
     Examples
@@ -1460,8 +1476,65 @@ def trace(output_folder: str | os.PathLike | None = None, cwd: str | os.PathLike
         Recorded paths are relative to it when under it (default: the working directory).
     ignore
         More folders whose files are not dependencies.
+    code
+        Watch which user functions run. ``None`` (default): on Python 3.12+, where
+        ``sys.monitoring`` makes it nearly free; before 3.12 the only hook is a profiler,
+        which slows Python-heavy bodies several times, so there the caller records the user
+        modules it reaches statically instead (``record(modules=...)``, see
+        :func:`user_modules_reached`).
     """
-    return Trace(output_folder=output_folder, cwd=cwd, ignore=ignore)
+    return Trace(output_folder=output_folder, cwd=cwd, ignore=ignore, code=code)
+
+
+def user_modules_reached(values: Iterable[Any] = (), imported: Iterable[str] = ()) -> list[str]:
+    """Names of the user-code modules a cell reaches, found without running it.
+
+    Examples
+    --------
+    >>> user_modules_reached([helpers.clean], imported=["mypkg"])   # doctest: +SKIP
+    ['helpers', 'mypkg', 'mypkg.text', 'shared_utils']
+
+    The roots are the modules the cell imports (top-level names: every loaded submodule
+    counts) and the modules of the user functions, classes, instances and modules among
+    ``values`` (its inputs); the set is closed over the user modules and user functions or
+    classes that those modules' globals refer to. User code is code outside the standard
+    library and site-packages (an editable install counts as user code).
+    """
+    found: dict[str, None] = {}
+    todo: list[str] = []
+
+    def consider(name: Any) -> None:
+        if not isinstance(name, str) or name in found:
+            return
+        module = sys.modules.get(name)
+        f = getattr(module, "__file__", None)
+        if module is None or not isinstance(f, str) or not f.endswith(".py") or not _is_user_file(f):
+            return
+        found[name] = None
+        todo.append(name)
+
+    def of_value(value: Any) -> None:
+        if isinstance(value, types.ModuleType):
+            consider(value.__name__)
+        elif isinstance(value, (types.FunctionType, type)):
+            consider(getattr(value, "__module__", None))
+        elif isinstance(value, (types.MethodType, staticmethod, classmethod)):
+            of_value(value.__func__)
+        else:
+            consider(getattr(type(value), "__module__", None))
+
+    with _paused():
+        for top in imported:
+            for name in [n for n in list(sys.modules) if n == top or n.startswith(top + ".")]:
+                consider(name)
+        for value in values:
+            of_value(value)
+        while todo:
+            module = sys.modules.get(todo.pop())
+            for value in list(vars(module).values()) if module is not None else []:
+                if isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                    of_value(value)
+    return sorted(found)
 
 
 # --------------------------------------------------------------------------- checking

@@ -6,6 +6,7 @@ a restart is the point, the real global RNGs.
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib
 import json
@@ -22,7 +23,14 @@ from pathlib import Path
 import pytest
 
 from dreamer_magic import dependencies as deps
-from dreamer_magic.dependencies import check, restore_rng, rng_end_state, trace, untracked_in_source
+from dreamer_magic.dependencies import check, restore_rng, rng_end_state, untracked_in_source
+from dreamer_magic.dependencies import trace as _trace
+from dreamer_magic.dependencies import user_modules_reached
+
+
+# These tests watch functions run on every Python (the lifecycle does so on 3.12+ only); a
+# partial, not a def, so that no function of this (user-code) file runs inside a trace.
+trace = functools.partial(_trace, code=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -696,3 +704,29 @@ def test_a_profiler_started_by_the_body_is_named_or_harmless(helpers):
         assert recorded["untracked"] == [
             "functions outside the notebook: partly tracked (the body replaced the trace's profile hook)"
         ]
+
+
+def test_static_record_covers_every_function_of_the_modules_a_cell_reaches(tmp_path, monkeypatch):
+    """Where functions are not watched (Python < 3.12), the modules the cell imports and the
+    user modules their globals reach count whole: an edit to any of their functions is a change."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tag = uuid.uuid4().hex[:8]
+    (tmp_path / f"inner_{tag}.py").write_text("def g(x):\n    return x * 2\n")
+    (tmp_path / f"outer_{tag}.py").write_text(f"import inner_{tag} as inner\ndef f(x):\n    return inner.g(x)\ndef unused():\n    return 1\n")
+    outer = importlib.import_module(f"outer_{tag}")
+    reached = user_modules_reached([], imported=[f"outer_{tag}"])
+    assert reached == sorted([f"inner_{tag}", f"outer_{tag}"])
+    assert user_modules_reached([outer.f]) == reached
+    assert user_modules_reached([json.dumps], imported=["json"]) == [], "the standard library is no user code"
+    with _trace(code=False) as t:
+        outer.f(1)
+    recorded = t.record(modules=reached)
+    functions = {(e["module"], f["qualname"]) for e in recorded["code"] for f in e["functions"]}
+    assert {(f"outer_{tag}", "f"), (f"outer_{tag}", "unused"), (f"inner_{tag}", "g")} <= functions
+    assert check(recorded) == []
+    (tmp_path / f"inner_{tag}.py").write_text("def g(x):\n    return x * 3\n")
+    for name in reached:
+        sys.modules.pop(name, None)
+    changes = check(recorded)
+    assert changes and changes[0].kind == "module" and "g" in changes[0].text
