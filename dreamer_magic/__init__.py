@@ -21,7 +21,7 @@ _LAZY = {
     "Embedder": "models",
     "cached": "models",
     "step": "steps",
-    "Checkpointer": "trainers",
+    "Checkpointer": "checkpointer",
 }
 
 
