@@ -74,6 +74,7 @@ import re
 import sys
 import textwrap
 import types
+from collections import ChainMap
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping
@@ -450,7 +451,8 @@ def _why_not_saveable(value: Any) -> str | None:
     if module.split(".")[0] in ("_thread", "threading", "multiprocessing") and any(
         word in cls.__name__.lower() for word in ("lock", "semaphore", "condition", "event", "barrier")
     ):
-        return "a lock cannot be saved"
+        what = "a lock" if "lock" in cls.__name__.lower() else f"a {cls.__name__} (it synchronises threads)"
+        return f"{what} cannot be saved"
     for mod_name, class_names, what in (
         ("socket", ("socket",), "a network connection (socket)"),
         ("ssl", ("SSLSocket",), "a network connection (socket)"),
@@ -1257,6 +1259,8 @@ def _load_function(path: Path, entry: dict, context: LoadContext) -> Any:
     if not isinstance(data, dict) or data.get("format") != _FUNCTION_FORMAT:
         raise StorageError(f"{path.name} is not a saved function; run the step again")
     globals_: Any = context.namespace
+    if isinstance(globals_, ChainMap):  # a trainer's namespace over its inputs: the namespace
+        globals_ = globals_.maps[0]
     if not isinstance(globals_, dict):
         module = sys.modules.get(str(data.get("module")))
         globals_ = module.__dict__ if module is not None else {"__builtins__": builtins, "__name__": data.get("module")}

@@ -41,6 +41,12 @@ only the main process (rank 0; ``torch.distributed`` rank when it is initialised
 trainer's lock (that would deadlock the collective operations) and write nothing but what
 transformers itself writes per rank.
 
+Where the parts live: :mod:`.checkpoints` (checkpoint validation and listing, and the resume
+decision as a pure function), :mod:`.checkpointer` (the plain-PyTorch :class:`Checkpointer`),
+:mod:`.hf_trainer` (the ``transformers.Trainer`` patches and status callback), :mod:`.storage`
+(how models, weights and ``TrainingArguments`` are saved and loaded); this module is the
+lifecycle that ties them together and re-exports what users and tests import from here.
+
 Examples
 --------
 >>> %%dreamer_train sft-small                                   # doctest: +SKIP

@@ -656,7 +656,8 @@ def test_not_saved_outputs_are_skipped_with_a_reason_and_the_rest_is_saved(tmp_p
         assert "generator" in reasons["generator"] and "list" in reasons["generator"]
         assert reasons["bar"] == "a progress bar cannot be saved"
         assert "socket" in reasons["sock"]
-        assert reasons["lock"] == reasons["rlock"] == reasons["condition"] == "a lock cannot be saved"
+        assert reasons["lock"] == reasons["rlock"] == "a lock cannot be saved"
+        assert reasons["condition"] == "a Condition (it synchronises threads) cannot be saved"
         assert reasons["db"] == "a database connection cannot be saved"
         assert reasons["unpicklable"].startswith("it cannot be pickled (TypeError")
         json.dumps(saved, allow_nan=False)  # still plain JSON for step.json
