@@ -22,7 +22,7 @@ _LAZY = {
     "cached": "models",
     "step": "steps",
     "last_status": "steps",
-    "Checkpointer": "trainers",
+    "Checkpointer": "checkpointer",
 }
 
 

@@ -493,3 +493,33 @@ class OutputFolder:
                 removed += 1
                 freed += size
         return removed, freed
+
+
+@contextlib.contextmanager
+def write_folder(final: Path) -> Iterator[Path]:
+    """Build a folder under a temporary name beside ``final``, then put it in place whole.
+
+    Examples
+    --------
+    >>> with write_folder(ckpts / "checkpoint-300") as tmp:   # doctest: +SKIP
+    ...     (tmp / "weights.bin").write_bytes(data)
+
+    When the block ends, every file is fsynced and the folder renamed to ``final`` (a folder
+    already there is replaced); if the block raises, the temporary folder is removed and
+    ``final`` is untouched. So ``final`` either exists whole or as it was before.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if final.exists():
+            trash = final.parent / f".{final.name}.trash-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(final.parent)

@@ -552,7 +552,7 @@ class StepRun:
         return out
 
     def _save(self, values: dict, records: list, components: dict, fp: str, duration: float) -> None:
-        from .storage import save_outputs
+        from .storage import not_saved_note, save_outputs
 
         assert self.tmp is not None
         entries = save_outputs(values, self.tmp)
@@ -560,6 +560,8 @@ class StepRun:
             if entry.get("path"):
                 entry["digest"] = tree_digest(self.tmp / entry["path"])
         self.entries = entries
+        for name, reason in getattr(entries, "not_saved", {}).items():  # storage skipped it: say so
+            self.status.notes.append(not_saved_note(name, reason))
         write_replay(self.tmp, records)
         meta = self.metadata(components, fp, entries, duration)
         final = self.final

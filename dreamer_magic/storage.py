@@ -1,12 +1,13 @@
-"""Save and load one step output by its type, in a safe format where one exists.
+"""Save and load one output by its type, in a safe format where one exists: the one registry.
 
-Every output gets one JSON-able *entry* (kept in step.json's ``outputs``) that says where and
-how it was written::
+Every output gets one JSON-able *entry* (kept in step.json's or trainer.json's ``outputs``)
+that says where and how it was written::
 
     {"type": "pandas.DataFrame", "storage": "dataset", "path": "_dataset",
      "pickled": false, "size": 123456}
 
-Formats, by type (first match wins):
+How each kind of value is saved and loaded is one :class:`Storer` in :data:`STORERS`, tried in
+order (the first that matches and can store the value exactly wins):
 
 ========================================  ===============  ==================================
 value                                     ``storage``      written to
@@ -15,10 +16,16 @@ value                                     ``storage``      written to
 ``pandas.DataFrame`` (main dataset)       ``dataset``      ``_dataset`` (+ exact columns)
 ``pandas.DataFrame`` / ``Series``         ``arrow``        Arrow IPC file (Feather v2)
 ``numpy.ndarray`` / numpy scalar          ``npy``          ``.npy``, never pickled
-``torch.Tensor`` / ``dict[str, Tensor]``  ``safetensors``  ``.safetensors``
+``torch.Tensor`` / ``dict[str, Tensor]``  ``safetensors``  ``.safetensors`` (+ the device)
+a lambda or notebook function             ``function``     ``.function.json``: its source
 JSON-able values                          ``json``         ``.json`` (tagged where needed)
 anything else                             ``pickle``       ``.pkl``, ``"pickled": true``
 ========================================  ===============  ==================================
+
+Trainers also name a storer for a value themselves (``save_value(..., storage=, path=)``):
+``pretrained`` (``save_pretrained`` / ``from_pretrained`` of models, tokenizers and
+processors), ``state_dict`` (a plain PyTorch module's weights, loaded back into the module in
+the namespace) and ``training_args`` (``TrainingArguments`` as JSON).
 
 The step's *main dataset* (the first ``Dataset``/``DatasetDict`` output, else the first
 DataFrame that Arrow stores exactly) goes to ``_dataset`` so that
@@ -27,37 +34,63 @@ else goes to ``_outputs/<name>.<ext>`` (or a folder). A DataFrame or numpy array
 be stored exactly in its safe format (say an object column of mixed Python values) is
 pickled instead, and marked as pickled.
 
+A value that cannot be saved at all (an open or closed file, a generator, a progress bar, a
+socket or database connection, a lock, anything pickle refuses) is skipped:
+:func:`save_outputs` names it in ``not_saved`` with the reason, rather than failing a step
+whose body already ran. A torch tensor comes back on the device it was saved from when that
+device exists here (else on the CPU). Loading code (a pickle, a function's source) is refused
+when ``allow_pickle`` is false, before any output is loaded.
+
 Loading gives back the same type and value: DataFrames keep their dtypes, column labels and
 index; datasets come back memory-mapped. pandas, pyarrow, numpy, torch and datasets are
 imported inside the functions that need them, so importing this module is cheap.
 
 Examples
 --------
->>> entries = save_outputs({"df": df, "n": 3}, folder)  # doctest: +SKIP
->>> load_outputs(folder, entries)["n"]  # doctest: +SKIP
+>>> saved = save_outputs({"df": df, "n": 3, "log": open("log.txt")}, folder)  # doctest: +SKIP
+>>> saved.not_saved  # doctest: +SKIP
+{'log': 'an open file cannot be saved'}
+>>> load_outputs(folder, saved)["n"]  # doctest: +SKIP
 3
 """
 
 from __future__ import annotations
 
+import __future__
+import ast
 import base64
+import builtins
 import contextlib
+import dataclasses
+import functools
+import importlib
 import json
+import linecache
 import math
+import operator
 import os
 import pickle
 import re
 import sys
+import textwrap
+import types
+from collections import ChainMap
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from .errors import PickleRefusedError, StorageError
-from .folders import folder_size
+from .folders import folder_size, read_json, write_json_atomic
 
 __all__ = [
+    "LoadContext",
+    "STORERS",
+    "SavedOutputs",
+    "Storer",
     "describe_type",
     "load_outputs",
     "load_value",
+    "not_saved_note",
     "save_outputs",
     "save_value",
 ]
@@ -73,40 +106,130 @@ _PICKLE_FIX = (
 )
 
 
-# --------------------------------------------------------------------------- public API
+# --------------------------------------------------------------------------- the registry
 
 
-def save_outputs(values: dict[str, Any], folder: Path) -> dict[str, dict]:
-    """Write every output under ``folder`` and return one entry per name, in order.
+@dataclass(frozen=True)
+class LoadContext:
+    """What loading one value may need besides its files.
+
+    ``allow_pickle``: whether code saved in the folder may run (pickles, functions' source);
+    ``namespace``: the user namespace (a module's weights load into the module there; a
+    function is re-created with it as its globals); ``name``: the variable, for messages.
+    """
+
+    allow_pickle: bool = True
+    namespace: Mapping[str, Any] | None = None
+    name: str = "?"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one value is written: under ``folder``, for variable ``name``.
+
+    ``main``: the step's main dataset (``_dataset``); ``path``: a place the caller chose
+    (relative to ``folder``), else a fresh ``_outputs/<name>.<ext>``.
+    """
+
+    folder: Path
+    name: str
+    main: Path | None = None
+    path: str | None = None
+
+    def new_path(self, ext: str) -> Path:
+        if self.path is not None:
+            path = self.folder.joinpath(*PurePosixPath(self.path).parts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return path
+        return _new_path(self.folder, self.name, ext)
+
+    def relative(self, path: Path) -> str:
+        return _relative(self.folder, path)
+
+
+@dataclass(frozen=True)
+class Storer:
+    """How one kind of value is saved and loaded (one row of the table in the module docstring).
 
     Examples
     --------
-    >>> entries = save_outputs({"ds": ds, "model_name": "gpt2"}, tmp / "step")  # doctest: +SKIP
-    >>> entries["ds"]["path"]  # doctest: +SKIP
-    '_dataset'
+    >>> [s.kind for s in STORERS][:3]
+    ['dataset', 'dataframe', 'npy']
+
+    ``matches(value)``: whether this storer is for the value; ``save(value, target)``: write it
+    and return the entry (without ``type`` and ``size``, which :func:`save_value` adds), or
+    ``None`` when this format cannot hold the value exactly (the next storer is tried);
+    ``load(path, entry, context)``: the value back. ``storage``: the word the entry records
+    (several storers may share one, such as ``dataset``). ``automatic``: chosen by type for
+    any output; false for those a caller names (a trainer's models). ``runs_code``: loading
+    runs code saved in the folder, so it is refused unless ``allow_pickle``.
+    """
+
+    kind: str
+    storage: str
+    matches: Callable[[Any], bool]
+    save: Callable[[Any, Target], "dict | None"]
+    load: Callable[[Path, dict, LoadContext], Any]
+    automatic: bool = True
+    runs_code: bool = False
+
+
+class SavedOutputs(dict):
+    """What :func:`save_outputs` returns: ``{name: entry}`` as step.json keeps them, in order,
+    and ``not_saved``: ``{name: reason}`` for the outputs that cannot be saved."""
+
+    def __init__(self, entries: Mapping[str, dict] = (), not_saved: Mapping[str, str] | None = None) -> None:  # type: ignore[assignment]
+        super().__init__(entries)
+        self.not_saved: dict[str, str] = dict(not_saved or {})
+
+
+class _NotSaveable(Exception):
+    """A value that no format can hold; ``args[0]`` is the reason, in the user's words."""
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def save_outputs(
+    values: Mapping[str, Any], folder: Path, *, placements: Mapping[str, tuple[str, str]] | None = None
+) -> SavedOutputs:
+    """Write every output under ``folder``: one entry per name, in order, plus what was skipped.
+
+    Examples
+    --------
+    >>> saved = save_outputs({"ds": ds, "model_name": "gpt2"}, tmp / "step")  # doctest: +SKIP
+    >>> saved["ds"]["path"], saved.not_saved  # doctest: +SKIP
+    ('_dataset', {})
 
     The main dataset (the first ``datasets.Dataset``/``DatasetDict``, else the first pandas
     DataFrame that Arrow stores exactly) is written to ``folder / "_dataset"``.
+    ``placements`` maps a name to ``(storer kind, path)`` for values the caller stores its own
+    way (a trainer's ``_model``). An output that cannot be saved (a file, a generator, a lock,
+    anything pickle refuses) is left out of the entries and named in ``not_saved`` with why.
 
     Raises
     ------
     StorageError
-        If a value cannot be saved at all; the message names the variable, its type and
-        the remedy.
+        If writing fails (a full disk, say); the message names the variable and the folder.
     """
     folder = Path(folder)
+    placements = placements or {}
+    saved = SavedOutputs()
     try:
-        main = _pick_main(values)
-        entries: dict[str, dict] = {}
+        main = _pick_main({n: v for n, v in values.items() if n not in placements})
         for name, value in values.items():
-            entries[name] = save_value(value, folder, name, main=(name == main))
+            storage, path = placements.get(name, (None, None))
+            try:
+                saved[name] = _save(value, folder, name, main=(name == main), storage=storage, path=path)
+            except _NotSaveable as e:
+                saved.not_saved[name] = str(e)
     finally:
         _plan_cache.clear()
-    return entries
+    return saved
 
 
 def load_outputs(
-    folder: Path, entries: dict[str, dict], *, allow_pickle: bool = True
+    folder: Path, entries: Mapping[str, dict], *, allow_pickle: bool = True, namespace: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Load every output described by ``entries`` (as returned by :func:`save_outputs`).
 
@@ -114,29 +237,37 @@ def load_outputs(
     --------
     >>> values = load_outputs(folder, step_json["outputs"], allow_pickle=False)  # doctest: +SKIP
 
+    With ``allow_pickle`` false, an output whose loading would run saved code (a pickle, a
+    function's source) is refused before any output is loaded. ``namespace`` is the user
+    namespace (see :class:`LoadContext`).
+
     Raises
     ------
     StorageError
         If a file is missing or unreadable (the step is incomplete and should re-run), or a
-        pickled output is met while ``allow_pickle`` is false.
+        pickled output is met while ``allow_pickle`` is false (:class:`PickleRefusedError`).
     """
     folder = Path(folder)
-    return {
-        name: load_value(folder, entry, allow_pickle=allow_pickle, name=name)
-        for name, entry in entries.items()
-    }
+    contexts = {name: LoadContext(allow_pickle, namespace, name) for name in entries}
+    for name, entry in entries.items():
+        _refuse_code(entry, _storer_for(entry, name), contexts[name])
+    return {name: load_value(folder, entry, context=contexts[name]) for name, entry in entries.items()}
 
 
-def save_value(value: Any, folder: Path, name: str, *, main: bool = False) -> dict:
+def save_value(
+    value: Any, folder: Path, name: str, *, main: bool = False, storage: str | None = None, path: str | None = None
+) -> dict:
     """Write one value under ``folder`` and return its JSON-able entry.
 
     Examples
     --------
     >>> save_value(np.arange(3), folder, "xs")  # doctest: +SKIP
     {'type': 'numpy.ndarray', 'storage': 'npy', 'path': '_outputs/xs.npy', 'pickled': False, 'size': 152}
+    >>> save_value(model, folder, "model", storage="pretrained", path="_model")  # doctest: +SKIP
 
     ``main=True`` writes a ``Dataset``/``DatasetDict``/DataFrame to ``folder / "_dataset"``
-    (ignored for other types).
+    (ignored for other types). ``storage`` names the storer kind to use (``pretrained``,
+    ``state_dict``, ``training_args``) and ``path`` where it writes.
 
     Raises
     ------
@@ -144,43 +275,23 @@ def save_value(value: Any, folder: Path, name: str, *, main: bool = False) -> di
         If the value cannot be saved (it cannot even be pickled); the message names the
         variable, its type and the remedy.
     """
-    folder = Path(folder)
-    kind = _kind(value)
-    type_name = describe_type(value)
-    if main and kind in ("dataset", "dataframe"):
-        target = folder / MAIN_DATASET
-        if target.exists():
-            raise StorageError(
-                f"Cannot save {name!r} as the main dataset: {target} already exists "
-                "(only one output can be the step's main dataset)."
-            )
-    else:
-        target = None
-    entry: dict[str, Any] | None
     try:
-        if kind == "dataset":
-            entry = _save_dataset(value, folder, target or _new_path(folder, name, ""))
-        elif kind in ("dataframe", "series"):
-            entry = _save_pandas(value, folder, name, target)
-        elif kind == "ndarray":
-            entry = _save_numpy(value, folder, name)
-        elif kind in ("tensor", "tensor_dict"):
-            entry = _save_torch(value, folder, name)
-        else:
-            entry = _save_json(value, folder, name)
-    except OSError as exc:  # disk full, permissions: nothing the format can fix
+        return _save(value, Path(folder), name, main=main, storage=storage, path=path)
+    except _NotSaveable as e:
         raise StorageError(
-            f"Cannot save output {name!r} ({type_name}) under {folder}: {exc}"
-        ) from exc
-    if entry is None:
-        entry = _save_pickle(value, folder, name)
-    entry = {"type": type_name, **entry}
-    entry["size"] = folder_size(folder / entry["path"])
-    return entry
+            f"Cannot save output {name!r} of type {describe_type(value)}: {e}. Leave it out of the step's "
+            f"outputs with --outputs (list the names to keep), or make it picklable (for example "
+            f"convert it to a list or a plain object)."
+        ) from e.__cause__
 
 
 def load_value(
-    folder: Path, entry: dict, *, allow_pickle: bool = True, name: str | None = None
+    folder: Path,
+    entry: dict,
+    *,
+    allow_pickle: bool = True,
+    name: str | None = None,
+    context: LoadContext | None = None,
 ) -> Any:
     """Load one value described by ``entry`` from ``folder``.
 
@@ -190,7 +301,8 @@ def load_value(
     ...                     "pickled": False, "size": 1})  # doctest: +SKIP
     3
 
-    ``name`` (the variable's name) is only used in error messages.
+    ``name`` (the variable's name) is only used in error messages; ``context`` replaces
+    ``allow_pickle`` and ``name`` (see :class:`LoadContext`).
 
     Raises
     ------
@@ -200,26 +312,18 @@ def load_value(
     """
     folder = Path(folder)
     path = _entry_path(folder, entry)
-    name = name or PurePosixPath(str(entry.get("path", "?"))).stem
-    if entry.get("pickled") and not allow_pickle:
-        raise PickleRefusedError(
-            f"Output {name!r} ({entry.get('type', '?')}) was saved with pickle, and loading "
-            "pickles is turned off (a pickle can run code when it is loaded). " + _PICKLE_FIX
-        )
-    storage = entry.get("storage")
-    loader = _LOADERS.get(storage)  # type: ignore[arg-type]
-    if loader is None:
-        raise StorageError(
-            f"Output {name!r} has an unknown storage {storage!r}; expected one of "
-            f"{sorted(_LOADERS)}. The step will have to run again."
-        )
+    if context is None:
+        context = LoadContext(allow_pickle, None, name or PurePosixPath(str(entry.get("path", "?"))).stem)
+    name = context.name
+    storer = _storer_for(entry, name)
+    _refuse_code(entry, storer, context)
     if not path.exists():
         raise StorageError(
             f"Output {name!r} is missing: {path} does not exist. The step folder is "
             "incomplete; run the step again."
         )
     try:
-        return loader(path, entry)
+        return storer.load(path, entry, context)
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot load, re-run"
@@ -227,6 +331,17 @@ def load_value(
             f"Cannot load output {name!r} ({entry.get('type', '?')}) from {path}: "
             f"{type(exc).__name__}: {exc}. Run the step again to recompute it."
         ) from exc
+
+
+def not_saved_note(name: str, reason: str) -> str:
+    """The status note for an output that :func:`save_outputs` skipped.
+
+    Examples
+    --------
+    >>> not_saved_note("f", "an open file cannot be saved")
+    '`f` is not saved (an open file cannot be saved): a hit leaves it as it was'
+    """
+    return f"`{name}` is not saved ({reason}): a hit leaves it as it was"
 
 
 def describe_type(value: Any) -> str:
@@ -255,6 +370,103 @@ def describe_type(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- dispatch
+
+
+def _save(value: Any, folder: Path, name: str, *, main: bool, storage: str | None, path: str | None) -> dict:
+    """One value: the entry, or :class:`_NotSaveable` when nothing can hold it."""
+    reason = _why_not_saveable(value)
+    if reason is not None:
+        raise _NotSaveable(reason)
+    kind = _kind(value)
+    type_name = describe_type(value)
+    main_path = None
+    if main and kind in ("dataset", "dataframe") and storage is None:
+        main_path = folder / MAIN_DATASET
+        if main_path.exists():
+            raise StorageError(
+                f"Cannot save {name!r} as the main dataset: {main_path} already exists "
+                "(only one output can be the step's main dataset)."
+            )
+    target = Target(folder, name, main_path, path)
+    if storage is not None:
+        storers = [s for s in STORERS if s.kind == storage]
+        if not storers:
+            raise StorageError(f"unknown storer {storage!r}; expected one of {sorted(s.kind for s in STORERS)}")
+    else:
+        storers = [s for s in STORERS if s.automatic and s.matches(value)]
+    entry: dict[str, Any] | None = None
+    try:
+        for storer in storers:
+            entry = storer.save(value, target)
+            if entry is not None:
+                break
+    except OSError as exc:  # disk full, permissions: nothing the format can fix
+        raise StorageError(f"Cannot save output {name!r} ({type_name}) under {folder}: {exc}") from exc
+    if entry is None:
+        raise _NotSaveable(f"no storer {storage!r} can hold it" if storage else "it cannot be saved")
+    entry = {"type": type_name, **entry}
+    entry.setdefault("size", folder_size(folder / entry["path"]))
+    return entry
+
+
+def _storer_for(entry: dict, name: str) -> Storer:
+    storage = entry.get("storage")
+    for storer in _LOADING:
+        if storer.storage == storage:
+            return storer
+    raise StorageError(
+        f"Output {name!r} has an unknown storage {storage!r}; expected one of "
+        f"{sorted({s.storage for s in STORERS})}. The step will have to run again."
+    )
+
+
+def _refuse_code(entry: dict, storer: Storer, context: LoadContext) -> None:
+    """Refuse, before anything is loaded, an output whose loading runs code, unless allowed."""
+    if context.allow_pickle or not (storer.runs_code or entry.get("pickled")):
+        return
+    how = "was saved with pickle" if storer.storage == "pickle" or entry.get("pickled") else "is re-created by running its saved source code"
+    raise PickleRefusedError(
+        f"Output {context.name!r} ({entry.get('type', '?')}) {how}, and loading "
+        "pickles is turned off (a pickle can run code when it is loaded). " + _PICKLE_FIX
+    )
+
+
+def _why_not_saveable(value: Any) -> str | None:
+    """Why no format can hold ``value`` (a live resource rather than data), or ``None``."""
+    import io
+
+    cls = type(value)
+    module = cls.__module__ or ""
+    if isinstance(value, io.IOBase) and not isinstance(value, (io.BytesIO, io.StringIO)):
+        closed = True
+        with contextlib.suppress(Exception):
+            closed = bool(value.closed)
+        return "a closed file cannot be saved" if closed else "an open file cannot be saved"
+    if isinstance(value, (types.GeneratorType, types.AsyncGeneratorType)):
+        return "a generator cannot be saved (it can be read only once); make it a list to save its items"
+    if isinstance(value, types.CoroutineType):
+        return "a coroutine cannot be saved; await it and save the result"
+    if module.split(".")[0] == "tqdm":
+        return "a progress bar cannot be saved"
+    if module.split(".")[0] in ("_thread", "threading", "multiprocessing") and any(
+        word in cls.__name__.lower() for word in ("lock", "semaphore", "condition", "event", "barrier")
+    ):
+        what = "a lock" if "lock" in cls.__name__.lower() else f"a {cls.__name__} (it synchronises threads)"
+        return f"{what} cannot be saved"
+    for mod_name, class_names, what in (
+        ("socket", ("socket",), "a network connection (socket)"),
+        ("ssl", ("SSLSocket",), "a network connection (socket)"),
+        ("sqlite3", ("Connection", "Cursor"), "a database connection"),
+        ("multiprocessing.connection", ("Connection", "PipeConnection"), "a connection between processes"),
+        ("http.client", ("HTTPConnection", "HTTPSConnection", "HTTPResponse"), "a network connection"),
+        ("subprocess", ("Popen",), "a running process"),
+        ("selectors", ("BaseSelector",), "a selector"),
+    ):
+        mod = sys.modules.get(mod_name)
+        classes = tuple(c for c in (getattr(mod, n, None) for n in class_names) if isinstance(c, type)) if mod else ()
+        if classes and isinstance(value, classes):
+            return f"{what} cannot be saved"
+    return None
 
 
 def _kind(value: Any) -> str:
@@ -293,7 +505,7 @@ def _kind(value: Any) -> str:
     return "other"
 
 
-def _pick_main(values: dict[str, Any]) -> str | None:
+def _pick_main(values: Mapping[str, Any]) -> str | None:
     """The name of the step's main dataset, or ``None``."""
     for name, value in values.items():
         if _kind(value) == "dataset":
@@ -762,13 +974,43 @@ def _save_torch(value: Any, folder: Path, name: str) -> dict | None:
     grad = [k for k, t in tensors.items() if t.requires_grad]
     if grad:
         entry["requires_grad"] = grad
+    devices = {k: str(t.device) for k, t in tensors.items() if t.device.type != "cpu"}
+    if devices:  # loaded back there when that device exists
+        if single:
+            entry["device"] = devices["tensor"]
+        else:
+            entry["devices"] = devices
     return entry
+
+
+def _device_exists(device: str) -> bool:
+    """Whether the torch device ``device`` (``"cuda:1"``, ``"mps"``) exists in this process."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    if d.type == "cpu":
+        return True
+    backend = getattr(torch, d.type, None)
+    try:
+        if backend is None or not backend.is_available():
+            return False
+        count = backend.device_count() if hasattr(backend, "device_count") else 1
+    except Exception:  # noqa: BLE001 - a backend that cannot even say
+        return False
+    return (d.index or 0) < count
 
 
 def _load_torch(path: Path, entry: dict) -> Any:
     from safetensors.torch import load_file
 
     loaded = load_file(str(path), device="cpu")
+    devices = entry.get("devices") or ({"tensor": entry["device"]} if entry.get("device") else {})
+    for key, device in devices.items():
+        if key in loaded and _device_exists(str(device)):
+            loaded[key] = loaded[key].to(device)
     for key in entry.get("requires_grad", ()):
         loaded[key].requires_grad_(True)
     keys = entry.get("keys")
@@ -870,12 +1112,7 @@ def _save_pickle(value: Any, folder: Path, name: str) -> dict:
             pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # noqa: BLE001 - TypeError, PicklingError, AttributeError, ...
         path.unlink(missing_ok=True)
-        raise StorageError(
-            f"Cannot save output {name!r} of type {describe_type(value)}: it cannot be "
-            f"pickled ({type(exc).__name__}: {exc}). Leave it out of the step's outputs "
-            f"with --outputs (list the names to keep), or make it picklable (for example "
-            f"convert it to a list or a plain object)."
-        ) from exc
+        raise _NotSaveable(f"it cannot be pickled ({type(exc).__name__}: {exc})") from exc
     return {"storage": "pickle", "path": _relative(folder, path), "pickled": True}
 
 
@@ -884,11 +1121,311 @@ def _load_pickle(path: Path, entry: dict) -> Any:
         return pickle.load(f)
 
 
-_LOADERS = {
-    "dataset": _load_dataset,
-    "arrow": _load_arrow,
-    "npy": _load_numpy,
-    "safetensors": _load_torch,
-    "json": _load_json,
-    "pickle": _load_pickle,
-}
+# --------------------------------------------------------------------------- functions
+
+_FUNCTION_FORMAT = "dreamer_magic.function/1"
+_FUTURE_FLAGS = functools.reduce(
+    operator.or_, (getattr(__future__, f).compiler_flag for f in __future__.all_feature_names), 0
+)
+
+
+def _is_code_function(value: Any) -> bool:
+    """A function that pickle could not bring back as it is: a lambda, a nested function, a
+    notebook function (``__main__``: gone after a restart, or redefined since)."""
+    if type(value) is not types.FunctionType:
+        return False
+    if value.__name__ == "<lambda>" or "<locals>" in value.__qualname__ or value.__module__ in (None, "__main__"):
+        return True
+    obj: Any = sys.modules.get(value.__module__)
+    for part in value.__qualname__.split("."):
+        obj = getattr(obj, part, None)
+    return obj is not value
+
+
+def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
+    """Whether two code objects compute the same (line numbers, and ``CO_NESTED``, aside)."""
+    nested = 0x10  # inspect.CO_NESTED: set for any function defined in a function, no effect
+    if (a.co_code, a.co_names, a.co_varnames, a.co_freevars, a.co_cellvars, a.co_argcount,
+            a.co_kwonlyargcount, a.co_posonlyargcount, a.co_flags & ~nested) != (
+            b.co_code, b.co_names, b.co_varnames, b.co_freevars, b.co_cellvars, b.co_argcount,
+            b.co_kwonlyargcount, b.co_posonlyargcount, b.co_flags & ~nested):
+        return False
+    if len(a.co_consts) != len(b.co_consts):
+        return False
+    for x, y in zip(a.co_consts, b.co_consts):
+        if isinstance(x, types.CodeType) and isinstance(y, types.CodeType):
+            if not _same_code(x, y):
+                return False
+        elif type(x) is not type(y) or (x != y and not (x != x and y != y)):
+            return False
+    return True
+
+
+def _maker_source(source: str, is_lambda: bool, name: str, freevars: tuple[str, ...]) -> str:
+    """Module source defining ``__dreamer_make__(<free variables>)``, which returns the function."""
+    params = ", ".join(freevars)
+    if is_lambda:
+        body = f"    return (\n{source}\n    )\n"
+    else:
+        body = textwrap.indent(source, "    ") + f"\n    return {name}\n"
+    return f"def __dreamer_make__({params}):\n{body}"
+
+
+def _make_function(source: str, is_lambda: bool, name: str, freevars: tuple[str, ...], flags: int,
+                   globals_: dict, closure: Mapping[str, Any]) -> types.FunctionType:
+    code = compile(_maker_source(source, is_lambda, name, freevars), f"<dreamer_magic: {name}>", "exec",
+                   flags=flags & _FUTURE_FLAGS, dont_inherit=True)
+    scope: dict[str, Any] = {}
+    exec(code, globals_, scope)  # defines __dreamer_make__ only; the function's globals are globals_
+    return scope["__dreamer_make__"](**closure)
+
+
+def _compiles_to(source: str, is_lambda: bool, code: types.CodeType) -> bool:
+    """Whether ``source``, re-created as :func:`_load_function` does, compiles to ``code``."""
+    try:
+        module = compile(_maker_source(source, is_lambda, code.co_name, code.co_freevars), "<check>", "exec",
+                         flags=code.co_flags & _FUTURE_FLAGS, dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return False
+    maker = next((c for c in module.co_consts if isinstance(c, types.CodeType)), None)
+    inner = [c for c in (maker.co_consts if maker else ()) if isinstance(c, types.CodeType) and c.co_name == code.co_name]
+    return len(inner) == 1 and _same_code(inner[0], code)
+
+
+def _function_source(fn: types.FunctionType) -> str | None:
+    """The source of ``fn`` (a ``def`` or the ``lambda`` expression), checked to compile to
+    the very code ``fn`` runs; ``None`` when it cannot be found or does not match."""
+    code = fn.__code__
+    text = "".join(linecache.getlines(code.co_filename))
+    if not text:
+        return None
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return None
+    is_lambda = code.co_name == "<lambda>"
+    for node in ast.walk(tree):
+        if is_lambda:
+            if not isinstance(node, ast.Lambda) or node.lineno != code.co_firstlineno:
+                continue
+            segment = ast.get_source_segment(text, node)
+        else:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name != code.co_name:
+                continue
+            if node.decorator_list or node.lineno != code.co_firstlineno:
+                continue
+            segment = ast.get_source_segment(text, node, padded=True)
+            segment = textwrap.dedent(segment) if segment else segment
+        if not segment:
+            continue
+        if _compiles_to(segment, is_lambda, code):
+            return segment
+    return None
+
+
+def _save_function(value: Any, target: Target) -> dict | None:
+    """A lambda or notebook function: its source, closure values and defaults (as JSON)."""
+    source = _function_source(value)
+    if source is None:
+        return None
+    code = value.__code__
+    try:
+        closure = {v: _encode(c.cell_contents) for v, c in zip(code.co_freevars, value.__closure__ or ())}
+        defaults = _encode(value.__defaults__) if value.__defaults__ is not None else None
+        kwdefaults = _encode(value.__kwdefaults__) if value.__kwdefaults__ else None
+        attributes = _encode(dict(value.__dict__)) if value.__dict__ else None
+    except (_NotJSONable, ValueError, RecursionError):  # ValueError: an empty closure cell
+        return None
+    data = {
+        "format": _FUNCTION_FORMAT,
+        "source": source,
+        "lambda": code.co_name == "<lambda>",
+        "name": code.co_name,
+        "qualname": value.__qualname__,
+        "module": value.__module__,
+        "flags": code.co_flags & _FUTURE_FLAGS,
+        "closure": closure,
+        "defaults": defaults,
+        "kwdefaults": kwdefaults,
+        "attributes": attributes,
+    }
+    path = target.new_path(".function.json")
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return {"storage": "function", "path": target.relative(path), "pickled": False}
+
+
+def _load_function(path: Path, entry: dict, context: LoadContext) -> Any:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or data.get("format") != _FUNCTION_FORMAT:
+        raise StorageError(f"{path.name} is not a saved function; run the step again")
+    globals_: Any = context.namespace
+    if isinstance(globals_, ChainMap):  # a trainer's namespace over its inputs: the namespace
+        globals_ = globals_.maps[0]
+    if not isinstance(globals_, dict):
+        module = sys.modules.get(str(data.get("module")))
+        globals_ = module.__dict__ if module is not None else {"__builtins__": builtins, "__name__": data.get("module")}
+    closure = {k: _decode(v) for k, v in (data.get("closure") or {}).items()}
+    fn = _make_function(str(data["source"]), bool(data["lambda"]), str(data["name"]), tuple(closure),
+                        int(data.get("flags") or 0), globals_, closure)
+    if data.get("defaults") is not None:
+        fn.__defaults__ = tuple(_decode(data["defaults"]))
+    if data.get("kwdefaults") is not None:
+        fn.__kwdefaults__ = _decode(data["kwdefaults"])
+    if data.get("attributes") is not None:
+        fn.__dict__.update(_decode(data["attributes"]))
+    fn.__qualname__ = str(data.get("qualname") or fn.__qualname__)
+    fn.__module__ = data.get("module")
+    return fn
+
+
+# --------------------------------------------------------------------------- models (trainers)
+
+
+def is_module(value: Any) -> bool:
+    """A ``torch.nn.Module`` (without importing torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.nn.Module)
+
+
+def is_pretrained(value: Any) -> bool:
+    """A transformers-style object: ``save_pretrained`` + ``from_pretrained`` (models, tokenizers, processors)."""
+    return (
+        not isinstance(value, type)
+        and callable(getattr(value, "save_pretrained", None))
+        and callable(getattr(type(value), "from_pretrained", None))
+    )
+
+
+def is_training_args(value: Any) -> bool:
+    """A ``transformers.TrainingArguments`` (without importing transformers)."""
+    module = sys.modules.get("transformers.training_args")
+    return module is not None and isinstance(value, module.TrainingArguments)
+
+
+def class_path(cls: type) -> str:
+    """``module:Qualified.Name`` of a class, as entries record it."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def import_class(path: str) -> type:
+    """The class named by :func:`class_path`."""
+    module, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _save_pretrained(value: Any, target: Target) -> dict:
+    folder, rel = target.folder, target.path or f"{OUTPUTS}/{target.name}"
+    path = folder.joinpath(*PurePosixPath(rel).parts)
+    path.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in path.iterdir()}
+    value.save_pretrained(str(path))
+    written = [p for p in path.iterdir() if p.name not in before]
+    entry: dict[str, Any] = {
+        "storage": "pretrained",
+        "path": rel,
+        "class": class_path(type(value)),
+        "pickled": False,
+        "size": sum(folder_size(p) for p in written),
+    }
+    if is_module(value):
+        entry["module"] = True
+        with contextlib.suppress(StopIteration, AttributeError):
+            entry["device"] = str(next(value.parameters()).device)
+    return entry
+
+
+def _load_pretrained(path: Path, entry: dict, context: LoadContext) -> Any:
+    try:
+        cls = import_class(str(entry["class"]))
+        value = cls.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot load, train again"
+        raise StorageError(
+            f"cannot load `{context.name}` ({entry.get('type')}) from {path}: {type(e).__name__}: {e}"
+        ) from e
+    device = entry.get("device")
+    if device and device != "cpu" and is_module(value):
+        with contextlib.suppress(Exception):
+            if _device_exists(str(device)):
+                value = value.to(device)
+    return value
+
+
+def _save_state_dict(value: Any, target: Target) -> dict:
+    from safetensors.torch import save_model
+
+    path = target.new_path(".safetensors")
+    save_model(value, str(path))
+    return {"storage": "state_dict", "path": target.relative(path), "pickled": False}
+
+
+def _load_state_dict(path: Path, entry: dict, context: LoadContext) -> Any:
+    """A plain PyTorch module trained in place: load the weights into the one in the namespace."""
+    from safetensors.torch import load_model
+
+    name = context.name
+    target = (context.namespace or {}).get(name)
+    if not is_module(target):
+        raise StorageError(
+            f"`{name}` was saved as weights only (a plain PyTorch module); define `{name}` (the untrained "
+            "module) before running the cell so its weights can be loaded into it"
+        )
+    try:
+        load_model(target, str(path))
+    except Exception as e:  # noqa: BLE001
+        raise StorageError(f"cannot load the weights of `{name}`: {type(e).__name__}: {e}") from e
+    return target
+
+
+def _save_training_args(value: Any, target: Target) -> dict:
+    from .fingerprint import json_safe
+
+    path = target.new_path(".training_args.json")
+    write_json_atomic(path, {"class": class_path(type(value)), "values": json_safe(value.to_dict())})
+    return {"storage": "training_args", "path": target.relative(path), "pickled": False}
+
+
+def _load_training_args(path: Path, entry: dict, context: LoadContext) -> Any:
+    data = read_json(path)
+    try:
+        cls = import_class(data["class"])  # type: ignore[index]
+        init = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in data["values"].items() if k in init})  # type: ignore[index]
+    except Exception as e:  # noqa: BLE001
+        raise StorageError(f"cannot rebuild `{context.name}` ({entry.get('type')}): {type(e).__name__}: {e}") from e
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _plain(load: Callable[[Path, dict], Any]) -> Callable[[Path, dict, LoadContext], Any]:
+    return lambda path, entry, context: load(path, entry)
+
+
+STORERS: list[Storer] = [
+    Storer(
+        "dataset", "dataset", lambda v: _kind(v) == "dataset",
+        lambda v, t: _save_dataset(v, t.folder, t.main or _new_path(t.folder, t.name, "")), _plain(_load_dataset),
+    ),
+    Storer(
+        "dataframe", "arrow", lambda v: _kind(v) in ("dataframe", "series"),
+        lambda v, t: _save_pandas(v, t.folder, t.name, t.main), _plain(_load_arrow),
+    ),
+    Storer("npy", "npy", lambda v: _kind(v) == "ndarray", lambda v, t: _save_numpy(v, t.folder, t.name), _plain(_load_numpy)),
+    Storer(
+        "safetensors", "safetensors", lambda v: _kind(v) in ("tensor", "tensor_dict"),
+        lambda v, t: _save_torch(v, t.folder, t.name), _plain(_load_torch),
+    ),
+    Storer("function", "function", _is_code_function, _save_function, _load_function, runs_code=True),
+    Storer("json", "json", lambda v: True, lambda v, t: _save_json(v, t.folder, t.name), _plain(_load_json)),
+    Storer("pickle", "pickle", lambda v: True, lambda v, t: _save_pickle(v, t.folder, t.name), _plain(_load_pickle), runs_code=True),
+    Storer("pretrained", "pretrained", is_pretrained, _save_pretrained, _load_pretrained, automatic=False),
+    Storer("state_dict", "state_dict", is_module, _save_state_dict, _load_state_dict, automatic=False),
+    Storer("training_args", "training_args", is_training_args, _save_training_args, _load_training_args, automatic=False),
+]
+
+# The storer that loads each ``storage`` word: a main-dataset DataFrame is written by the
+# ``dataframe`` storer as ``dataset``, and the dataset loader rebuilds it from the entry.
+_LOADING: list[Storer] = [s for s in STORERS if s.kind != "dataframe"] + [s for s in STORERS if s.kind == "dataframe"]

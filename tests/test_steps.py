@@ -207,10 +207,13 @@ def test_unfingerprintable_input_is_named(ip):
     assert status_of(ip).state == "failed" and "lock" in status_of(ip).error
 
 
-def test_unsaveable_output_is_a_clear_error_and_nothing_is_written(ip, tmp_path):
-    with pytest.raises(UsageError, match="gen"):
-        ip.run_cell_magic("dreamer_step", "gen", "gen = (i for i in range(3))\n")
-    assert not (tmp_path / "output" / "gen").exists()
+def test_unsaveable_output_is_skipped_with_a_note_and_the_rest_is_saved(ip, tmp_path):
+    # issue 9: an output that cannot be saved no longer fails a step whose body already ran
+    ip.run_cell_magic("dreamer_step", "gen", "gen = (i for i in range(3))\nn = 3\n")
+    status = status_of(ip)
+    assert status.state == "ran" and any("`gen` is not saved" in n and "generator" in n for n in status.notes)
+    meta = json.loads((tmp_path / "output" / "gen" / "step.json").read_text())
+    assert list(meta["outputs"]) == ["n"]
 
 
 def test_corrupt_or_truncated_step_json_reruns(ip, tmp_path, capsys):
