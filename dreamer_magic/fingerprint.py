@@ -153,43 +153,44 @@ def canonical_ast(node: ast.AST) -> str:
     recursion limit.
     """
     out: list[str] = []
-    todo: list[Any] = [node]  # a str item is literal output; anything else a value to write
+    todo: list[Any] = [node]  # a str is finished text; a node or a list is still to write
     while todo:
         item = todo.pop()
-        if type(item) is _Text:
+        if type(item) is str:
             out.append(item)
-        elif isinstance(item, ast.AST):
-            fields = []
-            for name in sorted(item._fields):
-                if name == "kind" and isinstance(item, ast.Constant):
-                    continue
-                value = getattr(item, name, None)
-                if isinstance(item, ast.JoinedStr) and name == "values":
-                    value = _fstring_parts(value)
-                if value is None or (isinstance(value, list) and not value):
-                    continue
-                fields.append((name, value))
-            parts: list[Any] = [_Text(type(item).__name__ + "(")]
-            for i, (name, value) in enumerate(fields):
-                parts.append(_Text(("," if i else "") + name + "="))
-                parts.append(value)
-            parts.append(_Text(")"))
-            todo.extend(reversed(parts))
-        elif isinstance(item, list):
-            parts = [_Text("[")]
+            continue
+        if isinstance(item, list):
+            parts = ["["]
             for i, value in enumerate(item):
                 if i:
-                    parts.append(_Text(","))
-                parts.append(_Text("None") if value is None else value)
-            parts.append(_Text("]"))
-            todo.extend(reversed(parts))
+                    parts.append(",")
+                parts.append(value if isinstance(value, (ast.AST, list)) else _constant_text(value))
+            parts.append("]")
         else:
-            out.append(_constant_text(item))
+            cls = type(item)
+            names = _AST_FIELDS.get(cls) or _ast_fields(cls)
+            parts = [cls.__name__ + "("]
+            for name in names:
+                value = getattr(item, name, None)
+                if value is None or (type(value) is list and not value):
+                    continue
+                if cls is ast.JoinedStr and name == "values":
+                    value = _fstring_parts(value)
+                parts.append(("," if len(parts) > 1 else "") + name + "=")
+                parts.append(value if isinstance(value, (ast.AST, list)) else _constant_text(value))
+            parts.append(")")
+        todo.extend(reversed(parts))
     return "".join(out)
 
 
-class _Text(str):
-    """Literal output of :func:`canonical_ast` (told apart from ``str`` values by its type)."""
+_AST_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _ast_fields(cls: type) -> tuple[str, ...]:
+    """A node class's fields in :func:`canonical_ast` order (sorted; ``Constant.kind`` left out)."""
+    names = tuple(sorted(name for name in cls._fields if not (cls is ast.Constant and name == "kind")))
+    _AST_FIELDS[cls] = names
+    return names
 
 
 def _fstring_parts(values: list) -> list:
@@ -209,10 +210,12 @@ def _fstring_parts(values: list) -> list:
 
 def _constant_text(value: Any) -> str:
     """A constant (or identifier) in :func:`canonical_ast`'s form."""
-    import json
-
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=True)
+        if value.isascii() and value.isidentifier():  # most of them: names need no escapes
+            return '"' + value + '"'
+        import json
+
+        return json.dumps(str(value), ensure_ascii=True)
     if isinstance(value, bool) or value is None or value is Ellipsis:
         return repr(value)
     if isinstance(value, int):
