@@ -71,6 +71,7 @@ CASES: dict[str, Callable[[], Any]] = {
     "datetime_naive": lambda: datetime.datetime(2024, 3, 31, 2, 30, 0, 5),
     "datetime_zoneinfo": lambda: datetime.datetime(2024, 10, 27, 2, 30, fold=1, tzinfo=zoneinfo.ZoneInfo("Europe/Paris")),
     "datetime_utc": lambda: datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc),
+    "datetime_dateutil": lambda: datetime.datetime(2024, 1, 1, tzinfo=__import__("dateutil.tz").tz.gettz("Europe/Paris")),
     "date": lambda: datetime.date(2024, 2, 29),
     "time": lambda: datetime.time(12, 30, 1, 7, tzinfo=datetime.timezone(datetime.timedelta(hours=2))),
     "timedelta": lambda: datetime.timedelta(days=-1, seconds=5, microseconds=3),
