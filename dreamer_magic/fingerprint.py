@@ -3,15 +3,22 @@
 Pure: no IPython, no disk. A fingerprint is a 32-character hex digest (xxh3-128) over a
 type-tagged, length-prefixed encoding of the value, so that values of different types never
 collide by accident (an int64 array and its float64 view differ, ``1`` and ``"1"`` differ).
-Fingerprints do not depend on the process (no ``hash()``, no ``id()``, sets sorted), so two
-kernels agree. :data:`FORMAT_VERSION` is folded into every digest; golden-digest tests pin
-them so that an upgrade never silently invalidates users' folders.
+What a program can observe counts: a dict's insertion order (``list(labels)`` depends on it),
+a ``defaultdict``'s factory, a tensor's device and ``requires_grad``, an RNG's state (drawing
+from a ``Generator`` changes its fingerprint). Sets stay order-free: Python does not promise
+their order. Fingerprints do not depend on the process (no ``hash()``, no ``id()``, sets
+sorted by their items' digests), nor on the Python version for code (see
+:func:`canonical_ast`), so two kernels agree. :data:`FORMAT_VERSION` is folded into every
+digest; golden-digest tests pin them so that an upgrade never silently invalidates users'
+folders.
 
 Examples
 --------
 >>> fingerprint([1, 2.0, "three"])  # doctest: +SKIP
 '4c7b0e…'
 >>> fingerprint({"b": 1, "a": 2}) == fingerprint({"a": 2, "b": 1})
+False
+>>> fingerprint({3, 1, 2}) == fingerprint({1, 2, 3})
 True
 """
 
@@ -31,7 +38,9 @@ import xxhash
 
 from .errors import FingerprintError
 
-FORMAT_VERSION = 1
+# 2: dict insertion order, defaultdict factories and tensor device/requires_grad count; ints
+# are hashed as bytes; code is hashed as canonical_ast (the same on Python 3.10 to 3.13).
+FORMAT_VERSION = 2
 
 _pack_q = struct.Struct("<q").pack
 _pack_d = struct.Struct("<d").pack
@@ -96,20 +105,127 @@ def package_version(module_name: str) -> str | None:
 
 
 def normalise_source(source: str) -> str:
-    """Source with comments, blank lines and formatting removed (an AST dump).
+    """Source with comments, blank lines and formatting removed: its canonical AST text.
 
-    Falls back to the stripped non-blank, non-comment lines when the code does not parse
-    (IPython syntax such as ``!ls`` or ``%time``).
+    The text is :func:`canonical_ast` of the parsed code, the same under Python 3.10 to 3.13,
+    so that upgrading Python does not re-run every step. Falls back to the stripped non-blank,
+    non-comment lines when the code does not parse (IPython syntax such as ``!ls`` or ``%time``).
 
     Examples
     --------
     >>> normalise_source("x = 1  # one\\n\\n") == normalise_source("x=1")
     True
+    >>> normalise_source("x = 1")
+    'Module(body=[Assign(targets=[Name(ctx=Store(),id="x")],value=Constant(value=1))])'
     """
     try:
-        return ast.dump(ast.parse(source), annotate_fields=False, include_attributes=False)
-    except SyntaxError:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError):  # a NUL byte; nesting too deep for the parser
         return "\n".join(code_lines(source))
+    return canonical_ast(tree)
+
+
+def canonical_ast(node: ast.AST) -> str:
+    """A version-stable text of an AST: what the code means, not how one Python prints it.
+
+    Examples
+    --------
+    >>> canonical_ast(ast.parse("f(x, k=1)", mode="eval"))
+    'Expression(body=Call(args=[Name(ctx=Load(),id="x")],func=Name(ctx=Load(),id="f"),keywords=[keyword(arg="k",value=Constant(value=1))]))'
+
+    The form, fixed so that digests stay the same from Python 3.10 to 3.13 (``ast.dump``
+    changes between them: 3.12 adds ``type_params=[]``, 3.13 leaves out empty fields, ...):
+
+    - a node is ``Type(field=value,...)``: its class name, then its fields sorted by name;
+      a field that is ``None`` or an empty list is left out, so fields that a newer Python
+      adds empty do not count; positions (line, column) and comments are not in the AST;
+    - a list is ``[item,...]``; an item that is ``None`` (the key of ``**d`` in a dict
+      display) is written ``None``;
+    - a ``str`` is JSON with every non-ASCII character escaped (so it does not depend on the
+      Unicode tables of one Python); ``bytes``, ``float``, ``complex``, ``bool`` and ``...``
+      are their ``repr``; an ``int`` is decimal, or ``0x...`` beyond 13,000 bits (no
+      ``str()`` limit);
+    - ``Constant.kind`` (the meaningless ``u`` prefix) is left out, and the parts of an
+      f-string are normalised: adjacent literal parts are joined and empty ones dropped
+      (Python 3.12 splits them differently from 3.10).
+
+    Iterative, so deeply nested code (a long ``a + b + ...`` chain) does not hit the
+    recursion limit.
+    """
+    out: list[str] = []
+    todo: list[Any] = [node]  # a str is finished text; a node or a list is still to write
+    while todo:
+        item = todo.pop()
+        if type(item) is str:
+            out.append(item)
+            continue
+        if isinstance(item, list):
+            parts = ["["]
+            for i, value in enumerate(item):
+                if i:
+                    parts.append(",")
+                parts.append(value if isinstance(value, (ast.AST, list)) else _constant_text(value))
+            parts.append("]")
+        else:
+            cls = type(item)
+            names = _AST_FIELDS.get(cls) or _ast_fields(cls)
+            parts = [cls.__name__ + "("]
+            for name in names:
+                value = getattr(item, name, None)
+                if value is None or (type(value) is list and not value):
+                    continue
+                if cls is ast.JoinedStr and name == "values":
+                    value = _fstring_parts(value)
+                parts.append(("," if len(parts) > 1 else "") + name + "=")
+                parts.append(value if isinstance(value, (ast.AST, list)) else _constant_text(value))
+            parts.append(")")
+        todo.extend(reversed(parts))
+    return "".join(out)
+
+
+_AST_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _ast_fields(cls: type) -> tuple[str, ...]:
+    """A node class's fields in :func:`canonical_ast` order (sorted; ``Constant.kind`` left out)."""
+    names = tuple(sorted(name for name in cls._fields if not (cls is ast.Constant and name == "kind")))
+    _AST_FIELDS[cls] = names
+    return names
+
+
+def _fstring_parts(values: list) -> list:
+    """An f-string's parts with adjacent literal parts joined and empty ones dropped."""
+    parts: list = []
+    for value in values:
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            if not value.value:
+                continue
+            if parts and isinstance(parts[-1], ast.Constant) and isinstance(parts[-1].value, str):
+                parts[-1] = ast.Constant(value=parts[-1].value + value.value)
+                continue
+            value = ast.Constant(value=value.value)
+        parts.append(value)
+    return parts
+
+
+def _constant_text(value: Any) -> str:
+    """A constant (or identifier) in :func:`canonical_ast`'s form."""
+    if isinstance(value, str):
+        if value.isascii() and value.isidentifier():  # most of them: names need no escapes
+            return '"' + value + '"'
+        import json
+
+        return json.dumps(str(value), ensure_ascii=True)
+    if isinstance(value, bool) or value is None or value is Ellipsis:
+        return repr(value)
+    if isinstance(value, int):
+        return str(value) if value.bit_length() <= 13_000 else hex(value)
+    if isinstance(value, (bytes, float, complex)):
+        return repr(value)
+    if isinstance(value, (tuple, frozenset)):  # only in optimised trees
+        items = value if isinstance(value, tuple) else sorted(value, key=_constant_text)
+        return type(value).__name__ + "(" + ",".join(_constant_text(v) for v in items) + ")"
+    raise TypeError(f"unexpected constant in an AST: {type(value).__name__}")
 
 
 def code_lines(source: str) -> list[str]:
@@ -150,7 +266,12 @@ class Hasher:
         self._h.update(data)
 
     def int_(self, n: int) -> None:
-        self.bytes_(str(n).encode())
+        """An int as little-endian two's complement: 8 bytes when it fits, more otherwise
+        (no ``str()``, so no 4,300-digit limit)."""
+        if -0x8000000000000000 <= n <= 0x7FFFFFFFFFFFFFFF:
+            self.bytes_(_pack_q(n))
+        else:  # at least 9 bytes: never one of the 8-byte forms
+            self.bytes_(n.to_bytes(n.bit_length() // 8 + 1, "little", signed=True))
 
     def str_(self, s: str) -> None:
         self.bytes_(s.encode("utf-8", "surrogatepass"))
@@ -203,16 +324,19 @@ class Hasher:
         self._container(value, body)
 
     def _dict(self, value: dict) -> None:
+        """Dicts in insertion order (iterating one depends on it); a ``defaultdict`` with its
+        ``default_factory``; ``OrderedDict``, ``Counter`` and other subclasses by class."""
+        from collections import defaultdict
+
         def body() -> None:
             self.tag("dict" if type(value) is dict else _qualname(type(value)))
-            items = [(fingerprint_in(self, k), k, v) for k, v in _dict_items(value)]
-            if len({kd for kd, _, _ in items}) < len(items):  # keys that look alike: order by value too
-                items.sort(key=lambda item: (item[0], fingerprint_in(self, item[2])))
-            else:
-                items.sort(key=lambda item: item[0])
+            if isinstance(value, defaultdict):
+                self.tag("default_factory")
+                self.value(value.default_factory)
+            items = _dict_items(value)
             self.int_(len(items))
-            for kd, _, v in items:
-                self.bytes_(kd.encode())
+            for k, v in items:
+                self.value(k)
                 self.value(v)
 
         self._container(value, body)
@@ -358,11 +482,43 @@ class Hasher:
         self.str_(ds._fingerprint)
 
     def tensor(self, t: Any) -> None:
+        """A tensor by class, device, ``requires_grad`` and :meth:`tensor_content`."""
+        import torch
+
         self.tag("torch.Tensor")
+        if type(t) is not torch.Tensor:  # nn.Parameter, tensor subclasses
+            self.str_(_qualname(type(t)))
+        self.str_(str(t.device))
+        self.value(bool(t.requires_grad))
+        self.tensor_content(t)
+
+    def tensor_content(self, t: Any) -> None:
+        """What a tensor holds, wherever it lives: dtype, shape, layout and values. Sparse
+        tensors (COO, CSR, CSC, BSR, BSC) by their layout and index and value tensors, a COO
+        tensor coalesced (with whether it was)."""
+        import torch
+
         self.str_(str(t.dtype))
         self.str_(repr(tuple(t.shape)))
-        flat = t.detach().to("cpu").contiguous().reshape(-1)
-        self.bytes_(memoryview(flat.view(__import__("torch").uint8).numpy()).cast("B"))
+        layout = t.layout
+        if layout == torch.strided:
+            flat = t.detach().resolve_conj().resolve_neg().to("cpu").contiguous().reshape(-1)
+            self.bytes_(memoryview(flat.view(torch.uint8).numpy()).cast("B"))
+            return
+        self.str_(str(layout))
+        t = t.detach()
+        if layout == torch.sparse_coo:
+            self.value(t.is_coalesced())
+            t = t.coalesce()
+            parts = (t.indices(), t.values())
+        elif layout in (torch.sparse_csr, torch.sparse_bsr):
+            parts = (t.crow_indices(), t.col_indices(), t.values())
+        elif layout in (torch.sparse_csc, torch.sparse_bsc):
+            parts = (t.ccol_indices(), t.row_indices(), t.values())
+        else:
+            raise FingerprintError(f"a tensor with layout {layout} cannot be fingerprinted")
+        for part in parts:
+            self.tensor_content(part)
 
     def module_object(self, module: types.ModuleType) -> None:
         self.tag("module")
@@ -806,6 +962,180 @@ def _bytes(h: Hasher, v: bytes) -> None:
     h.bytes_(bytes(v))
 
 
+# -- values by their exact state: RNGs, times, numbers, paths ------------------------------------
+# Each is deterministic across processes and PYTHONHASHSEED; an RNG counts by its state, so
+# drawing from it changes its fingerprint (a step that draws from it would give other numbers).
+
+
+def _random(h: Hasher, rng: Any) -> None:
+    """``random.Random`` (and subclasses) by ``getstate()``."""
+    h.tag("random.Random")
+    h.value(type(rng))
+    try:
+        state = rng.getstate()
+    except NotImplementedError:  # random.SystemRandom: no state, numbers from the OS
+        raise FingerprintError(
+            f"a {_qualname(type(rng))} draws from the operating system: it has no state, so what a "
+            "step draws from it cannot be reproduced"
+        ) from None
+    h.value(state)
+
+
+def _np_seed_sequence(h: Hasher, seq: Any) -> None:
+    """``np.random.SeedSequence`` by entropy, spawn key, pool size and children spawned."""
+    h.tag("numpy.random.SeedSequence")
+    if not hasattr(seq, "entropy"):  # SeedlessSeedSequence (a legacy-seeded bit generator)
+        h.str_(type(seq).__name__)
+        return
+    h.value(seq.entropy)
+    h.value(tuple(seq.spawn_key))
+    h.int_(seq.pool_size)
+    h.int_(seq.n_children_spawned)
+
+
+def _np_bit_generator(h: Hasher, bits: Any) -> None:
+    """A numpy bit generator (PCG64, MT19937, Philox, ...) by class, state and the seed
+    sequence it spawns from."""
+    h.tag("numpy.random.BitGenerator")
+    h.str_(type(bits).__name__ if type(bits).__module__.startswith("numpy.") else _qualname(type(bits)))
+    h.value(bits.state)
+    seed_seq = getattr(bits, "seed_seq", None) if hasattr(type(bits), "seed_seq") else getattr(bits, "_seed_seq", None)
+    h.value(seed_seq)
+
+
+def _np_generator(h: Hasher, rng: Any) -> None:
+    h.tag("numpy.random.Generator")
+    _np_bit_generator(h, rng.bit_generator)
+
+
+def _np_random_state(h: Hasher, rng: Any) -> None:
+    h.tag("numpy.random.RandomState")
+    h.value(rng.get_state(legacy=False))
+
+
+def _torch_generator(h: Hasher, rng: Any) -> None:
+    h.tag("torch.Generator")
+    h.str_(str(rng.device))
+    h.tensor_content(rng.get_state())
+
+
+def _tzinfo(h: Hasher, tz: Any) -> None:
+    """A time zone by what names it: a zoneinfo key, a pytz zone, a fixed offset and name."""
+    import datetime
+
+    if tz is None:
+        h.tag("naive")
+    elif type(tz) is datetime.timezone:
+        h.tag("timezone")
+        h.value(tz.utcoffset(None))
+        h.str_(tz.tzname(None))
+    elif isinstance(getattr(tz, "key", None), str):  # zoneinfo.ZoneInfo
+        h.tag("zoneinfo")
+        h.str_(tz.key)
+    elif isinstance(getattr(tz, "zone", None), str):  # pytz
+        h.tag("pytz")
+        h.str_(tz.zone)
+        h.str_(type(tz).__name__)
+        if hasattr(tz, "_utcoffset"):  # a localized pytz zone: which offset it stands for
+            h.value((tz._utcoffset, getattr(tz, "_dst", None), getattr(tz, "_tzname", None)))
+    else:
+        h.tag("tzinfo")
+        h.value(tz)
+
+
+def _datetime(h: Hasher, v: Any) -> None:
+    """``datetime.datetime`` by its fields, ``fold`` and time zone (wall time and zone, not
+    only the instant: 12:00 in Paris and 11:00 UTC print differently)."""
+    h.tag("datetime.datetime" if type(v).__module__ == "datetime" else _qualname(type(v)))
+    h.value((v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond, v.fold))
+    _tzinfo(h, v.tzinfo)
+
+
+def _date(h: Hasher, v: Any) -> None:
+    h.tag("datetime.date" if type(v).__module__ == "datetime" else _qualname(type(v)))
+    h.value((v.year, v.month, v.day))
+
+
+def _time(h: Hasher, v: Any) -> None:
+    h.tag("datetime.time" if type(v).__module__ == "datetime" else _qualname(type(v)))
+    h.value((v.hour, v.minute, v.second, v.microsecond, v.fold))
+    _tzinfo(h, v.tzinfo)
+
+
+def _timedelta(h: Hasher, v: Any) -> None:
+    h.tag("datetime.timedelta" if type(v).__module__ == "datetime" else _qualname(type(v)))
+    h.value((v.days, v.seconds, v.microseconds))
+
+
+def _decimal(h: Hasher, v: Any) -> None:
+    """By ``str``: exact, with its exponent (``1.0`` and ``1.00`` print differently)."""
+    h.tag("decimal.Decimal")
+    h.str_(str(v))
+
+
+def _fraction(h: Hasher, v: Any) -> None:
+    h.tag("fractions.Fraction")
+    h.int_(v.numerator)
+    h.int_(v.denominator)
+
+
+def _uuid(h: Hasher, v: Any) -> None:
+    h.tag("uuid.UUID")
+    h.bytes_(v.bytes)
+
+
+def _path(h: Hasher, v: Any) -> None:
+    """A path by its flavour (posix or windows, pure or not) and text; the class's module is
+    left out (``pathlib._local`` since Python 3.13)."""
+    cls = type(v)
+    h.tag("pathlib")
+    h.str_(cls.__name__ if cls.__module__.startswith("pathlib") else _qualname(cls))
+    h.str_(str(v))
+
+
+def _pandas_timestamp(h: Hasher, v: Any) -> None:
+    """A Timestamp by its instant and unit (``asm8``), ``fold`` and time zone."""
+    h.tag("pandas.Timestamp")
+    h.numpy_scalar(v.asm8)
+    h.int_(v.fold)
+    _tzinfo(h, v.tzinfo)
+
+
+def _pandas_timedelta(h: Hasher, v: Any) -> None:
+    h.tag("pandas.Timedelta")
+    h.numpy_scalar(v.asm8)
+
+
+def _pandas_period(h: Hasher, v: Any) -> None:
+    h.tag("pandas.Period")
+    h.str_(v.freqstr)
+    h.int_(v.ordinal)
+
+
+def _pandas_interval(h: Hasher, v: Any) -> None:
+    h.tag("pandas.Interval")
+    h.value(v.left)
+    h.value(v.right)
+    h.str_(v.closed)
+
+
+def _pandas_array(h: Hasher, v: Any) -> None:
+    """A pandas extension array (``pd.Categorical``, ``pd.array([...])``) by class and values."""
+    h.tag("pandas.array")
+    h.str_(type(v).__name__)
+    h.pandas_values(v)
+
+
+def _module_is(module: str, attr: str) -> Callable[[Any], bool]:
+    """A check for one singleton (``pd.NaT``) that never imports ``module``."""
+
+    def check(value: Any) -> bool:
+        mod = sys.modules.get(module)
+        return mod is not None and value is getattr(mod, attr, check)
+
+    return check
+
+
 _EXACT: dict[type, Callable[[Hasher, Any], None]] = {
     type(None): lambda h, v: h.tag("None"),
     bool: lambda h, v: h.tag("True" if v else "False"),
@@ -863,6 +1193,28 @@ _HANDLERS: list[tuple[Callable[[Any], bool], Callable[[Hasher, Any], None]]] = [
     (_module_isinstance("torch", "dtype"), lambda h, v: (h.tag("torch.dtype"), h.str_(str(v)))),
     (_module_isinstance("torch", "device"), lambda h, v: (h.tag("torch.device"), h.str_(str(v)))),
     (_module_isinstance("transformers", "PreTrainedTokenizerBase"), _tokenizer),
+    (_module_isinstance("numpy.random", "Generator"), _np_generator),
+    (_module_isinstance("numpy.random", "BitGenerator"), _np_bit_generator),
+    (_module_isinstance("numpy.random", "SeedSequence"), _np_seed_sequence),
+    (_module_isinstance("numpy.random.bit_generator", "ISeedSequence"), _np_seed_sequence),
+    (_module_isinstance("numpy.random", "RandomState"), _np_random_state),
+    (_module_isinstance("random", "Random"), _random),
+    (_module_isinstance("torch", "Generator"), _torch_generator),
+    (_module_is("pandas", "NaT"), lambda h, v: h.tag("pandas.NaT")),
+    (_module_is("pandas", "NA"), lambda h, v: h.tag("pandas.NA")),
+    (_module_isinstance("pandas", "Timestamp"), _pandas_timestamp),
+    (_module_isinstance("pandas", "Timedelta"), _pandas_timedelta),
+    (_module_isinstance("pandas", "Period"), _pandas_period),
+    (_module_isinstance("pandas", "Interval"), _pandas_interval),
+    (_module_isinstance("pandas", "api.extensions.ExtensionArray"), _pandas_array),
+    (_module_isinstance("datetime", "datetime"), _datetime),  # before date: a datetime is a date
+    (_module_isinstance("datetime", "date"), _date),
+    (_module_isinstance("datetime", "time"), _time),
+    (_module_isinstance("datetime", "timedelta"), _timedelta),
+    (_module_isinstance("decimal", "Decimal"), _decimal),
+    (_module_isinstance("fractions", "Fraction"), _fraction),
+    (_module_isinstance("uuid", "UUID"), _uuid),
+    (_module_isinstance("pathlib", "PurePath"), _path),
     (lambda v: isinstance(v, (list, tuple)), Hasher._sequence),
     (lambda v: isinstance(v, dict), Hasher._dict),
     (lambda v: isinstance(v, (set, frozenset)), Hasher._set),

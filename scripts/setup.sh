@@ -38,3 +38,21 @@ spec = KernelSpecManager().get_kernel_spec("python3-dreamer_magic")
 assert "--ext" in spec.argv and "dreamer_magic" in spec.argv, spec.argv
 print(f"setup: kernelspec {spec.display_name!r} at {spec.resource_dir}")
 PY
+
+# One small venv per Python 3.10-3.13 with only what `import dreamer_magic.steps` needs, for the
+# golden test of whole-step fingerprints under each interpreter (tests/test_fingerprint_versions.py).
+for version in 3.10 3.11 3.12 3.13; do
+    venv=".venv-fingerprint/$version"
+    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import xxhash, filelock" 2>/dev/null; then
+        continue
+    fi
+    base=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$version".*/bin/python 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -z "$base" ]; then base=$(command -v "python$version" || true); fi
+    if [ -z "$base" ]; then
+        echo "setup: Python $version not found (pyenv or PATH); its fingerprint test skips, or fails under CI" >&2
+        continue
+    fi
+    echo "setup: creating $venv from $base"
+    "$base" -m venv --clear "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check xxhash filelock
+done

@@ -31,25 +31,47 @@ def golden_values():
         "float32": np.linspace(0, 1, 5, dtype=np.float32),
         "frame": pd.DataFrame({"text": ["a", "bb", "ccc"], "n": [1, 2, 3], "x": [0.5, 1.5, 2.5]}),
         "series": pd.Series([1.0, 2.0], name="s"),
+        # format 2
+        "ordered": __import__("collections").OrderedDict([("b", 1), ("a", 2)]),
+        "defaultdict": __import__("collections").defaultdict(list, {"x": [1]}),
+        "bigint": -(7**6000),
+        "timestamp": pd.Timestamp("2020-01-01 12:00", tz="Europe/Paris").as_unit("ns"),
+        "generator": np.random.default_rng(7),
+        "seed_sequence": np.random.SeedSequence(7, spawn_key=(1,)),
+        "decimal": __import__("decimal").Decimal("1.10"),
+        "date": __import__("datetime").date(2020, 2, 29),
+        "path": __import__("pathlib").PurePosixPath("data/train.csv"),
+        "code": normalise_source("@cache\ndef f(x: int) -> str:\n    return f'{x!r:>{w}}'\n"),
     }
 
 
 # Pinned: if one of these changes, every user's saved steps would silently re-run. Change
-# them only together with fingerprint.FORMAT_VERSION, on purpose.
+# them only together with fingerprint.FORMAT_VERSION, on purpose. (Format 2, on purpose: dict
+# order, tensor flags, ints as bytes, code as canonical_ast.)
 GOLDEN = {
-    "none": "9639c49d37b9b1f98ad65cfac941e60c",
-    "int": "99ea9c25082a29c37bb3e63146ac4f85",
-    "float": "651037403a5ca8b1a65e835381446682",
-    "str": "7e9aa6745b9ab30529295a8b09bf4a63",
-    "bytes": "fd6bff8510007843f4c0bc00d02b5b0a",
-    "list": "83895fe0f6cd86a61e5ebd781d825cbf",
-    "tuple": "403a6d9ae8e4c055279add7eadf2c703",
-    "dict": "f0c886c8a2997dbe3bc69038bb389ab1",
-    "set": "73499c636bbe7623e6c7e4cb605aaf2f",
-    "int64": "1343ac65bb7fa7b6cb25b964868bbb73",
-    "float32": "ba5c0a5fa97f894ab7414b661f11a387",
-    "frame": "8e31e4bd3043828c9bba4483fc697c41",
-    "series": "17b90a76712e7c1c074a2e35e119033b",
+    "none": "5e2c55532585376bb41df1949b51d753",
+    "int": "f8977baec2fe7cd37dd47cd5a33cd16e",
+    "float": "bdf60a676964b0dae00f7920864591b5",
+    "str": "5ed07e8d65e6b0b41b39e11069b98c67",
+    "bytes": "3621cddc310a725752d188988e4940fe",
+    "list": "739908884d22c74d2eebf428e3d8d025",
+    "tuple": "35dea8fefe84f6dd6f9d0ed2cb548883",
+    "dict": "19fc621d293a76802b94484f06994fba",
+    "set": "bd1817c32b754aad01386391fe8a4af8",
+    "int64": "b9945ce4a9a9f6d0760c6f41e3cf788f",
+    "float32": "41ef38289e29f312e162190f0f12adca",
+    "frame": "66dae7bbdd851bbf9fb769fb0709801f",
+    "series": "590d546f19ccd1e62fc11d6d0b57a7bf",
+    "ordered": "5bbee53c25b9d44f1053c9a584ac570b",
+    "defaultdict": "a15d2c7a128b9e57f16a7670f2925b5d",
+    "bigint": "ec37884e973345305c6d2270a0570dd6",
+    "timestamp": "c7c4d2be3417f8309071bd0789b80978",
+    "generator": "4229534103804f8f3be9a88e769ebace",
+    "seed_sequence": "caca49baeab6d006be17ac54072c43fa",
+    "decimal": "3a34206f7327beb88fe35b03d9f095b0",
+    "date": "d3e90283fbe1c199612271ccfef5549a",
+    "path": "412d8968d68dc5f9011ff4eaa4c361d6",
+    "code": "9e330094ee88d863d7c9dc2d2eaeb0a0",
 }
 
 
@@ -89,7 +111,10 @@ def test_types_are_part_of_the_fingerprint():
 
 
 def test_order_insensitive_where_python_is():
-    assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
+    """Sets have no order a program can rely on; dicts keep insertion order (``list(d)``
+    depends on it), so since format 2 their order counts (SPEC §3)."""
+    assert fingerprint({"a": 1, "b": 2}) != fingerprint({"b": 2, "a": 1})
+    assert fingerprint({"a": 1, "b": 2}) == fingerprint(dict([("a", 1), ("b", 2)]))
     assert fingerprint({1, 2, 3}) == fingerprint({3, 2, 1})
 
 
@@ -207,6 +232,40 @@ def test_normalise_source_ignores_comments_and_blank_lines():
     assert normalise_source("x = 1") != normalise_source("x = 2")
 
 
+def test_normalise_source_is_a_fixed_canonical_form():
+    """The text itself is pinned: no field a newer Python adds empty, no positions, JSON strings."""
+    from dreamer_magic.fingerprint import canonical_ast
+
+    assert normalise_source("def f(a, *, k=None, j):\n    return a[1:]\n") == (
+        'Module(body=[FunctionDef(args=arguments(args=[arg(arg="a")],kw_defaults=[Constant(),None],'
+        'kwonlyargs=[arg(arg="k"),arg(arg="j")]),'
+        'body=[Return(value=Subscript(ctx=Load(),slice=Slice(lower=Constant(value=1)),value=Name(ctx=Load(),id="a")))],'
+        'name="f")])'
+    )
+    assert canonical_ast(__import__("ast").parse("'\u00e9' + x", mode="eval")) == (
+        'Expression(body=BinOp(left=Constant(value="\\u00e9"),op=Add(),right=Name(ctx=Load(),id="x")))'
+    )
+    assert normalise_source("x = None") != normalise_source("x = 'None'") != normalise_source("x = ...")
+    assert normalise_source("x = 1") != normalise_source("x = 1.0") != normalise_source("x = True")
+    assert normalise_source("x = b'a'") != normalise_source("x = 'a'")
+
+
+def test_normalise_source_ignores_what_python_versions_print_differently():
+    assert normalise_source("s = u'x'") == normalise_source("s = 'x'"), "the u prefix means nothing"
+    assert normalise_source("s = f'a' f'b{x}' f''") == normalise_source("s = f'ab{x}'"), "f-string parts joined"
+    assert normalise_source("s = f'{x:}'") == normalise_source("s = f'{x:}'")
+    assert normalise_source("s = f'{x!r}'") != normalise_source("s = f'{x}'")
+    assert normalise_source("s = f'{x=}'") != normalise_source("s = f'{x}'")
+    assert normalise_source("s = f'{x:>{w}}'") != normalise_source("s = f'{x:>w}'")
+
+
+def test_normalise_source_of_deep_code_and_big_literals():
+    chain = "x = " + " + ".join(["a"] * 900)  # deeper than the recursion limit allows ast.dump
+    assert normalise_source(chain) != normalise_source(chain + " + a")
+    assert normalise_source("x = 0x" + "f" * 4000).count("0x") == 1, "beyond 13,000 bits: hex, no str() limit"
+    assert normalise_source("!ls -l  # shell\n") == "!ls -l  # shell", "IPython syntax: the lines themselves"
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
@@ -279,7 +338,9 @@ def test_bound_builtins_classes_and_odd_dict_keys():
     class Key:
         pass
 
-    assert fingerprint({Key(): 1, Key(): 2}) == fingerprint({Key(): 2, Key(): 1})
+    # keys that fingerprint alike are told apart by position: deterministic, and the order counts
+    assert fingerprint({Key(): 1, Key(): 2}) == fingerprint({Key(): 1, Key(): 2})
+    assert fingerprint({Key(): 1, Key(): 2}) != fingerprint({Key(): 2, Key(): 1})
 
 
 def test_a_dataset_changed_in_place_loses_its_lineage():
