@@ -31,11 +31,12 @@ from . import __version__, events
 from .cell import analyze, line_changes
 from .errors import DreamerError, FingerprintError, PickleRefusedError, StorageError
 from .fingerprint import FORMAT_VERSION, LINEAGE, combine, fingerprint, normalise_source, package_version, source_of
-from .folders import OutputFolder, get_output_folder, now_iso, read_meta, tree_digest, validate_name
+from .folders import OutputFolder, get_output_folder, now_iso, read_json, read_meta, tree_digest, validate_name, write_json_atomic
 from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status
 
 STEP_FILE = "step.json"
 REPLAY_FILE = "replay.json"
+RNG_FILE = "rng_state.json"  # the global RNG state the body left, set again on a hit
 
 class _Active(threading.local):
     """The steps running now in this thread, outermost first (a step called from a worker
@@ -86,6 +87,7 @@ class StepSpec:
     allow_pickle: bool = True
     kind: str = "step"
     extra: dict[str, Any] = field(default_factory=dict)  # more fingerprint components (decorator args)
+    files: list[str] = field(default_factory=list)  # --files: what the body reads that a trace cannot see
 
 
 def input_fingerprints(inputs: dict[str, Any]) -> dict[str, str]:
@@ -311,6 +313,7 @@ class StepRun:
         self.tmp: Path | None = None
         self.values: dict[str, Any] = {}
         self.entries: dict[str, dict] = {}  # step.json's "outputs" of the result saved or loaded
+        self.dependencies: dict | None = None  # what the body read besides its inputs (traced)
         # Where this step's folder and its backups live: the output folder, or for a nested
         # step the folder its parent is writing (so nested backups travel with the parent).
         if self.parent is None:
@@ -382,10 +385,9 @@ class StepRun:
         meta = current
         if meta is None and self.parent is not None:  # compare with the parent's previous run
             meta, _ = read_meta(self._earlier_home().path(self.key), self.meta_file)
+        changed: list[Reason] = []  # dependencies of a result with this very fingerprint
         if not spec.force:
-            for state, found in self._candidates(current, fp):
-                if found is None:
-                    continue
+            for state, found in self._candidates(current, fp, changed):
                 try:
                     return self._load(self.final, found, state, started)
                 except PickleRefusedError:
@@ -393,21 +395,46 @@ class StepRun:
                 except StorageError as e:
                     problem = f"the saved result could not be loaded ({e}); running again"
                     meta = None
-        status.reasons = [Reason.force()] if spec.force else why(meta, components, spec.source, problem)
+        if spec.force:
+            status.reasons = [Reason.force()]
+        elif changed and meta is not None and meta.get("fingerprint") == fp:
+            status.reasons = changed
+        else:
+            status.reasons = why(meta, components, spec.source, problem)
         if problem and meta is not None:
             status.reasons.append(Reason.problem(problem))
         status.changed()
         return self._run_and_save(components, fp, started)
 
-    def _candidates(self, current: dict | None, fp: str) -> Iterator[tuple[str, dict | None]]:
-        """Saved results with this fingerprint, tried in order (each generated only if needed):
-        the folder in place (``current``, its metadata as read), a backup, and for a nested
-        step the parent's previous run."""
-        if current is not None and current.get("fingerprint") == fp:
+    def _candidates(self, current: dict | None, fp: str, changed: list) -> Iterator[tuple[str, dict]]:
+        """Saved results with this fingerprint whose dependencies are unchanged, tried in order
+        (each looked for only if needed): the folder in place (``current``, its metadata as
+        read), a backup, and for a nested step the parent's previous run. A result whose
+        dependencies changed adds the reasons to ``changed`` and is passed over."""
+        if current is not None and current.get("fingerprint") == fp and self._dependencies_hold(current, changed):
             yield LOADED, current
-        yield RESTORED, self.home.restore(self.key, fp, self.meta_file)
+        found = self.home.find_backup(self.key, fp, self.meta_file)
+        if found is not None and self._dependencies_hold(found[1], changed):
+            restored = self.home.restore(self.key, fp, self.meta_file)
+            if restored is not None:
+                yield RESTORED, restored
         if self.parent is not None:
-            yield LOADED, self._carry_over(fp)
+            carried = self._carry_over(fp)
+            if carried is not None and self._dependencies_hold(carried, changed):
+                yield LOADED, carried
+
+    def _dependencies_hold(self, meta: dict, changed: list) -> bool:
+        """Whether what the saved run read besides its inputs (files, user code, libraries,
+        global RNG state) is as it was; the first change found is added to ``changed``."""
+        recorded = meta.get("dependencies")
+        if not recorded:
+            return True
+        from . import dependencies
+
+        found = dependencies.check(recorded, os.getcwd(), first_only=True)
+        if found and not changed:  # why it runs: what changed since the result in place (or the backup)
+            changed.extend(_dependency_reason(c) for c in found)
+        return not found
 
     def _earlier_home(self) -> OutputFolder:
         """Where the parent's previous run keeps this nested step (the parent's folder on disk)."""
@@ -457,6 +484,8 @@ class StepRun:
         self.entries = entries
         self.rebind()
         values = self._load_values(folder, entries)
+        self._restore_rng(folder, meta)
+        self._note_untracked(meta.get("dependencies"))
         self._note_outputs(folder, entries)
         self._mark_lineage(meta["fingerprint"], values)
         status.state = state
@@ -484,9 +513,11 @@ class StepRun:
         try:
             status.changed()
             body_started = time.perf_counter()  # what a hit saves: the body, not waiting or hashing
-            with self.frontend.capture(records):
+            tracer = self._tracer()
+            with self.frontend.capture(records), tracer:
                 namespace = self.execute()
             duration = time.perf_counter() - body_started
+            self.dependencies = self._record(tracer)
             values = self._collect(namespace)
             values.update(self._mutated_inputs(components))
             self._save(values, records, components, fp, duration)
@@ -530,6 +561,44 @@ class StepRun:
             values[name] = value
         return values
 
+    def _tracer(self) -> Any:
+        from . import dependencies
+
+        return dependencies.trace(output_folder=self.out.root, cwd=os.getcwd())
+
+    def _record(self, tracer: Any) -> dict:
+        """step.json's ``dependencies``: what the body read besides its inputs (SPEC §3)."""
+        from . import dependencies
+
+        modules: list[str] = []
+        if not tracer.watch_code:  # before Python 3.12: the user modules the cell reaches, whole
+            modules = dependencies.user_modules_reached(self.spec.inputs.values(), imported=self.spec.libraries)
+        recorded = tracer.record(declared_files=self.spec.files, source=self.spec.source, modules=modules)
+        self._note_untracked(recorded)
+        return recorded
+
+    def _note_untracked(self, recorded: dict | None) -> None:
+        for line in (recorded or {}).get("untracked") or []:
+            note = Reason(line, "untracked")
+            if str(note) not in map(str, self.status.notes):
+                self.status.notes.append(note)
+
+    def _write_rng(self, folder: Path) -> None:
+        """Keep the global RNG state the body left, if it drew from one (restored on a hit)."""
+        drawn = (self.dependencies or {}).get("rng")
+        if drawn:
+            from . import dependencies
+
+            write_json_atomic(folder / RNG_FILE, dependencies.rng_end_state(drawn))
+
+    def _restore_rng(self, folder: Path, meta: dict) -> None:
+        if (meta.get("dependencies") or {}).get("rng") and (folder / RNG_FILE).is_file():
+            from . import dependencies
+
+            saved = read_json(folder / RNG_FILE)
+            if saved:
+                dependencies.restore_rng(saved)
+
     def _mutated_inputs(self, components: dict) -> dict[str, Any]:
         """Inputs the body changed in place (``lst.append``, ``df.drop(inplace=True)``, a model's
         weights): they become outputs, so a hit leaves them as a run would."""
@@ -562,6 +631,7 @@ class StepRun:
         self.entries = entries
         for name, reason in getattr(entries, "not_saved", {}).items():  # storage skipped it: say so
             self.status.notes.append(not_saved_note(name, reason))
+        self._write_rng(self.tmp)
         write_replay(self.tmp, records)
         meta = self.metadata(components, fp, entries, duration)
         final = self.final
@@ -588,6 +658,7 @@ class StepRun:
             "duration": duration,
             "packages": core_versions(),
             "parent": self.parent.name_path if self.parent else None,
+            "dependencies": self.dependencies,
         }
 
     def _discard(self) -> None:
@@ -624,6 +695,12 @@ class StepRun:
             if isinstance(value, dict):  # DatasetDict / IterableDatasetDict: the splits are what hashes
                 for split, part in value.items():
                     LINEAGE.set(part, combine(key, str(split)))
+
+
+def _dependency_reason(change: Any) -> Reason:
+    """A dependency change (``dependencies.Change``) as the typed reason the status shows."""
+    kind = {"folder": "file"}.get(change.kind, change.kind)
+    return Reason(change.text, kind if kind in ("file", "module", "library", "rng") else "note", subject=change.subject)
 
 
 def write_replay(folder: Path, records: list) -> None:
