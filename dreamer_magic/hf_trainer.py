@@ -111,6 +111,7 @@ def patched_trainer(run: Any) -> Iterator[None]:
 
     @functools.wraps(original_init)
     def __init__(trainer: Any, *args: Any, **kwargs: Any) -> None:
+        __tracebackhide__ = True  # noqa: F841
         if run.finished:
             return original_init(trainer, *args, **kwargs)
         bound = init_signature.bind(trainer, *args, **kwargs)
@@ -139,6 +140,7 @@ def patched_trainer(run: Any) -> Iterator[None]:
 
     @functools.wraps(original_train)
     def train(trainer: Any, *args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True  # noqa: F841 - an error in training shows transformers' and the user's frames
         if id(trainer) not in run.trainer_ids or run.finished:
             return original_train(trainer, *args, **kwargs)
         bound = train_signature.bind(trainer, *args, **kwargs)

@@ -74,6 +74,12 @@ class DreamerMagics(Magics):
     @argument("--version", default=None, help="A version string that is part of the fingerprint: change it to re-run.")
     @argument("--force", action="store_true", help="Run even if a saved result matches (the old folder goes to _backups).")
     @argument("--no-replay", action="store_true", help="Do not replay the recorded output on a hit.")
+    @argument(
+        "--files",
+        default=None,
+        help="Comma-separated files or folders the cell reads that tracing cannot see (opened by native code); "
+        "a change to them re-runs the step.",
+    )
     @cell_magic
     def dreamer_step(self, line: str, cell: str) -> None:
         """Make a cell a named, cached step.
@@ -100,6 +106,7 @@ class DreamerMagics(Magics):
     @argument("--force", action="store_true", help="Train even if a finished model matches (the old folder goes to _backups).")
     @argument("--no-resume", action="store_true", help="Start over instead of resuming from the last checkpoint (old checkpoints go to _backups).")
     @argument("--no-replay", action="store_true", help="Do not replay the recorded output on a hit.")
+    @argument("--files", default=None, help="Comma-separated files or folders the cell reads that tracing cannot see.")
     @cell_magic
     def dreamer_train(self, line: str, cell: str) -> None:
         """Make a training cell a named trainer that checkpoints, resumes and reloads.
@@ -140,6 +147,7 @@ class DreamerMagics(Magics):
             replay=self.replay and not args.no_replay,
             allow_pickle=self.allow_pickle,
             exclude=self._hidden_names(),
+            files=[f.strip() for f in (args.files or "").split(",") if f.strip()],
         )
         try:
             if kind == "step":

@@ -788,6 +788,7 @@ def cell_spec(
     allow_pickle: bool = True,
     exclude: set[str] | frozenset[str] = frozenset(),
     kind: str = "step",
+    files: list[str] | None = None,
 ) -> tuple[StepSpec, Any]:
     """Work out a cell's inputs, outputs and libraries: the :class:`StepSpec` and the cell analysis."""
     import types
@@ -825,6 +826,7 @@ def cell_spec(
         replay=replay,
         allow_pickle=allow_pickle,
         kind=kind,
+        files=list(files or []),
     )
     return spec, info
 
@@ -848,12 +850,17 @@ def explain(
     """
     spec, _ = cell_spec(name, source, namespace, inputs=inputs, version=version, exclude=exclude, kind=kind)
     components = components_for(spec)
+    recorded = (meta or {}).get("dependencies") or {}
+    untracked = [Reason(line, "untracked") for line in recorded.get("untracked") or []]
     if meta is not None and meta.get("fingerprint") == fingerprint_of(components):
-        return [Reason.unchanged(meta["fingerprint"])]
+        from . import dependencies
+
+        changes = [_dependency_reason(c) for c in dependencies.check(recorded, os.getcwd())] if recorded else []
+        return (changes or [Reason.unchanged(meta["fingerprint"])]) + untracked
     return [
         Reason.input_undefined(r.subject) if r.kind == "input-gone" and r.subject not in namespace else r
         for r in why(meta, components, source, problem)
-    ]
+    ] + untracked
 
 
 def run_cell_step(

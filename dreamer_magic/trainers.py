@@ -368,6 +368,7 @@ class TrainerRun(StepRun):
 
     # -- running -----------------------------------------------------------------------
     def _run_and_save(self, components: dict, fp: str, started: float) -> dict[str, Any]:
+        __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status, spec = self.status, self.spec
         if self.main:
             self._prepare_folder(components, fp)
@@ -378,12 +379,14 @@ class TrainerRun(StepRun):
             self.namespace["Checkpointer"] = Checkpointer
         try:
             try:
-                with self.frontend.capture(records), patched_trainer(self):
+                tracer = self._tracer()
+                with self.frontend.capture(records), patched_trainer(self), tracer:
                     namespace = self.execute()
             finally:
                 self.finished = True
                 if injected and self.namespace.get("Checkpointer") is Checkpointer:
                     del self.namespace["Checkpointer"]
+            self.dependencies = self._record(tracer)
             values = self._collect(namespace)
             if self.main:
                 self._save(values, records, components, fp, time.perf_counter() - started)
@@ -580,6 +583,7 @@ class TrainerRun(StepRun):
         entries = _save_outputs(saveable, folder, placements, not_saved)
         meta_extra = self._write_model_metadata(model_dir)
         write_replay(folder, records)
+        self._write_rng(folder)
         fsync_tree(model_dir)
         trained = self._trained_inputs()
         marker = read_json(self.marker) or {}
@@ -717,10 +721,12 @@ def run_cell_trainer(
     ``--no-resume``; ``options`` are those of :func:`dreamer_magic.steps.cell_spec`
     (``inputs``, ``outputs``, ``version``, ``force``, ``replay``, ``allow_pickle``, ``exclude``).
     """
+    __tracebackhide__ = True  # noqa: F841
     frontend = frontend or steps.current_frontend()
     spec, info = cell_spec(name, source, namespace, kind="trainer", **options)
 
     def run_body() -> dict:
+        __tracebackhide__ = True  # noqa: F841
         frontend.run_cell(source, namespace, raw)
         return namespace
 
