@@ -40,14 +40,18 @@ class CellInfo:
 
     Attributes
     ----------
-    reads : names read where the cell has not bound them on every path before, in first-read order
-        (the candidate inputs; the caller keeps those that exist in the user namespace). Free names
-        of functions the cell defines come last, unless the cell binds them on every path.
+    reads : names read where the cell has not bound them on every path before (``del x`` included),
+        in first-read order (the candidate inputs; the caller keeps those that exist in the user
+        namespace). Then the free names of functions the cell defines, unless the cell binds them
+        on every path, then ``maybe_bound``.
     outputs : names bound at top level on any path (assignments, loops, ``with ... as``, walrus
         targets, also inside comprehensions, ``global`` names assigned by functions the cell
         defines, names bound by ``%time``/``%%capture`` and the like), plus names mutated in place
         (``df["x"] = ...``), in first-bind order; not those only bound by top-level
         ``import``/``def``/``class``, nor names the cell deletes on every path.
+    maybe_bound : the outputs bound on some paths only (a branch, a loop body, a comprehension's
+        walrus, a function's ``global``). They are also reads, last: where the path that binds
+        them does not run, the run leaves the value they had before, so that value is an input.
     rebind : source of the top-level ``import``/``def``/``class`` statements, re-run on a hit.
     rebind_names : the names those statements bind.
     deleted : names absent at the end of every path through the cell because it deletes them
@@ -64,6 +68,7 @@ class CellInfo:
     source: str
     reads: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    maybe_bound: list[str] = field(default_factory=list)
     rebind: list[str] = field(default_factory=list)
     rebind_names: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
@@ -111,10 +116,9 @@ class _Where:
 
     magic: str | None = None  # "%%capture", "%time", ...
 
-    def line(self, lineno: int | None) -> str:
-        if lineno is None:
-            return "" if self.magic is None else f"in the `{self.magic}` code"
-        return f"line {lineno}" if self.magic is None else f"line {lineno} of the `{self.magic}` code"
+    @staticmethod
+    def line(lineno: int | None) -> str:
+        return f"line {lineno}" if lineno is not None else "line ?"
 
     @property
     def what(self) -> str:
@@ -125,18 +129,23 @@ def _parse(source: str, where: _Where, *, check: bool = True) -> ast.Module:
     try:
         tree = ast.parse(source)
     except SyntaxError as e:
-        hint = "fix the syntax and run it again"
-        bad = source.splitlines()[e.lineno - 1].lstrip() if e.lineno and e.lineno <= len(source.splitlines()) else ""
+        lines = source.splitlines()
+        bad = lines[e.lineno - 1].lstrip() if e.lineno and e.lineno <= len(lines) else ""
         if where.magic is not None and bad[:1] in ("%", "!"):
-            hint = f"IPython syntax (`{_short(bad, 40)}`) cannot be analysed inside `{where.magic}` here; move it to its own cell"
-        raise DreamerError(f"{where.what} is not valid Python ({where.line(e.lineno)}: {e.msg}); {hint}") from None
+            raise DreamerError(
+                f"{where.line(e.lineno)} of {where.what} uses IPython syntax (`{_short(bad, 40)}`), which cannot be "
+                f"analysed inside `{where.magic}`; write it as Python or move it to a cell of its own"
+            ) from None
+        raise DreamerError(
+            f"{where.what} is not valid Python ({where.line(e.lineno)}: {e.msg}); fix the syntax and run it again"
+        ) from None
     if check:
         _refuse_top_level(tree.body, where, loop=False)
         try:
             compile(tree, "<cell>", "exec", dont_inherit=True)
         except SyntaxError as e:
             raise DreamerError(
-                f"{where.what} is not valid Python ({where.line(e.lineno)}: {e.msg}); fix it and run it again"
+                f"{where.what} is not valid Python ({where.line(e.lineno)}: {e.msg}); fix the syntax and run it again"
             ) from None
     return tree
 
@@ -156,12 +165,12 @@ _REFUSED = {
 def _refuse(node: ast.AST, word: str, where: _Where) -> None:
     reason = _REFUSED["break" if word == "continue" else word]
     if word in ("break", "continue"):
-        head = f"`{word}` outside a loop"
+        head = f"`{word}` outside a loop in"
     elif word == "await":
-        head = "top-level `await`"
+        head = "top-level `await` in"
     else:
-        head = f"`{word}` at the top level"
-    raise DreamerError(f"{head} of {where.what} ({where.line(getattr(node, 'lineno', None))}): {reason}")
+        head = f"`{word}` at the top level of"
+    raise DreamerError(f"{head} {where.what} ({where.line(getattr(node, 'lineno', None))}): {reason}")
 
 
 def _refuse_top_level(nodes: list, where: _Where, *, loop: bool) -> None:
@@ -293,10 +302,15 @@ class _Scanner:
                 if name not in final.bound and name not in self.reads:
                     self.reads.append(name)
         only_defined = {n for n in self.rebind_names if n not in self.value_binds}
+        outputs = [n for n in self.binds if n not in final.absent and n not in only_defined]
+        maybe_bound = [n for n in outputs if n not in final.bound]
+        # where the path that binds them does not run, the run leaves the value they had before
+        self.reads.extend(n for n in maybe_bound if n not in self.reads)
         return CellInfo(
             source=source,
             reads=self.reads,
-            outputs=[n for n in self.binds if n not in final.absent and n not in only_defined],
+            outputs=outputs,
+            maybe_bound=maybe_bound,
             rebind=self.rebind,
             rebind_names=self.rebind_names,
             deleted=[n for n in self.del_order if n in final.absent],
@@ -592,9 +606,11 @@ class _Scanner:
         self.touched.pop()
         after = _merge(*ends)
         if stmt.finalbody:
-            # once on the way out of an exception (what it reads then), once after a normal exit
-            self.state = _merge(after, before.without(all_binds, all_dels))
-            self.block(stmt.finalbody)
+            if any(isinstance(n, (ast.Break, ast.Continue)) for s in stmt.finalbody for n in ast.walk(s)):
+                # a `break` in `finally` swallows an exception: the cell goes on from any point of the try
+                self.state = _merge(after, before.without(all_binds, all_dels))
+                self.block(stmt.finalbody)
+            # (otherwise an exception re-raises after `finally`: the run fails, its reads then do not matter)
             self.state = after
             self.block(stmt.finalbody)
         else:
@@ -636,6 +652,7 @@ class _Scanner:
 
     def _delete(self, target: ast.expr) -> None:
         if isinstance(target, ast.Name):
+            self.read(target.id)  # `del x` fails unless x exists: what it does depends on the namespace
             self.delete(target.id)
         elif isinstance(target, (ast.Tuple, ast.List)):
             for elt in target.elts:
@@ -742,7 +759,7 @@ class _Scanner:
         elif method == "run_line_magic":
             self._line_magic(args[0], args[1], node, top)
         else:
-            self._cell_magic(args[0], args[1], args[2], node, top)
+            self._cell_magic(args[0], args[1], args[2], top)
 
     def nested(self, text: str, magic: str, *, top: bool, interruptible: bool = False) -> None:
         """Code a magic runs in the notebook's namespace, as if it were part of the cell."""
@@ -750,7 +767,7 @@ class _Scanner:
         lead = _leading_cell_magic(text) if self.transform is None else None
         if lead is not None:
             name, line, body = lead
-            self._cell_magic(name, line, body, None, top)
+            self._cell_magic(name, line, body, top)
             return
         source = self.transform(text) if self.transform is not None else text
         tree = _parse(source, where)
@@ -799,6 +816,7 @@ class _Scanner:
         elif name == "xdel":
             _, target = _options(line, "n")
             if target.isidentifier():
+                self.read(target)
                 self.delete(target)
             else:
                 self.note(shown, "deletes a name that cannot be analysed")
@@ -819,7 +837,7 @@ class _Scanner:
                 reason = _STORE_READ if re.search(r"(^|\s)-\w*r", line) else _STORE_WRITE
             self.note(shown, reason or "a magic whose effect on the namespace cannot be analysed")
 
-    def _cell_magic(self, name: str, line: str, body: str, node: ast.Call | None, top: bool) -> None:
+    def _cell_magic(self, name: str, line: str, body: str, top: bool) -> None:
         if name == "capture":
             words = [w for w in line.split() if not w.startswith("-")]
             self.nested(body, "%%capture", top=top, interruptible=True)  # run_cell swallows errors
@@ -842,8 +860,7 @@ class _Scanner:
             if opts.get("v", "").isidentifier():
                 self.bind(opts["v"])
         else:
-            where = f" ({self.where.line(node.lineno)})" if node is not None and self.where.magic else ""
-            raise DreamerError(f"`%%{name}` cannot run inside a step{where}: {_cell_magic_fix(name)}")
+            raise DreamerError(f"`%%{name}` cannot run inside a step: {_cell_magic_fix(name)}")
 
     def _shell(self, command: str, shown: str) -> None:
         for name in _expanded_names(command):
