@@ -269,7 +269,7 @@ class _Scanner:
         self.frames = [_Frame("module")]
         self.loops: list[_Loop] = []
         self.touched: list[tuple[set[str], set[str]]] = []  # binds, deletes of enclosing try/with bodies
-        self.source = ""
+        self.lines: list[str] = []  # of the code being scanned, for the source of rebind statements
         self.where = _Where()
         self.reads: list[str] = []
         self.binds: list[str] = []
@@ -374,12 +374,12 @@ class _Scanner:
     # -- code and statements ------------------------------------------------------------
     def code(self, stmts: list[ast.stmt], source: str, where: _Where, *, top: bool) -> None:
         """Scan a block of code from ``source`` (the cell, or code nested in a magic)."""
-        saved = self.source, self.where
-        self.source, self.where = source, where
+        saved = self.lines, self.where
+        self.lines, self.where = source.splitlines(keepends=True), where
         try:
             self.block(stmts, top=top)
         finally:
-            self.source, self.where = saved
+            self.lines, self.where = saved
 
     def block(self, stmts: list[ast.stmt], *, top: bool = False) -> None:
         for stmt in stmts:
@@ -453,7 +453,7 @@ class _Scanner:
 
     def _import(self, stmt: ast.Import | ast.ImportFrom, top: bool) -> None:
         if top:
-            self.rebind.append(_segment(self.source, stmt))
+            self.rebind.append(_segment(self.lines, stmt))
         for alias in stmt.names:
             module = alias.name if isinstance(stmt, ast.Import) else (stmt.module or "")
             if module and getattr(stmt, "level", 0) == 0 and self.flow.kind == "module":
@@ -473,7 +473,7 @@ class _Scanner:
 
     def _definition(self, stmt: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef, top: bool) -> None:
         if top:
-            self.rebind.append(_segment(self.source, stmt))
+            self.rebind.append(_segment(self.lines, stmt))
         for dec in stmt.decorator_list:
             self.expr(dec)
         if isinstance(stmt, ast.ClassDef):
@@ -759,28 +759,24 @@ class _Scanner:
         elif method == "run_line_magic":
             self._line_magic(args[0], args[1], node, top)
         else:
-            self._cell_magic(args[0], args[1], args[2], top)
+            self._cell_magic(args[0], args[1], args[2], top=top)
 
     def nested(self, text: str, magic: str, *, top: bool, interruptible: bool = False) -> None:
         """Code a magic runs in the notebook's namespace, as if it were part of the cell."""
-        where = _Where(magic)
-        lead = _leading_cell_magic(text) if self.transform is None else None
-        if lead is not None:
-            name, line, body = lead
-            self._cell_magic(name, line, body, top)
-            return
-        source = self.transform(text) if self.transform is not None else text
-        tree = _parse(source, where)
-        if not interruptible:
-            self.code(tree.body, source, where, top=top)
-            return
         before = self.state.copy()
         binds, dels = self.touching()
         try:
-            self.code(tree.body, source, where, top=top)
+            lead = _leading_cell_magic(text) if self.transform is None else None
+            if lead is not None:
+                self._cell_magic(*lead, top=top)
+            else:
+                source = self.transform(text) if self.transform is not None else text
+                where = _Where(magic)
+                self.code(_parse(source, where).body, source, where, top=top)
         finally:
             self.touched.pop()
-        self.state = _merge(self.state, before.without(binds, dels))
+        if interruptible:  # an error stops the code anywhere, and the cell goes on
+            self.state = _merge(self.state, before.without(binds, dels))
 
     def _function_scope(self, texts: list[str], magic: str) -> None:
         """Code a magic runs inside a function (``%timeit``): its free names are reads now."""
@@ -789,8 +785,7 @@ class _Scanner:
             if text.strip():
                 source = self.transform(text) if self.transform is not None else text
                 body.extend(_parse(source, _Where(magic), check=False).body)
-        fn = ast.FunctionDef(name="_", args=ast.arguments([], [], None, [], [], None, []), body=body, decorator_list=[])
-        for name in sorted(_free(_scope_of(fn))):
+        for name in sorted(_free(_body_scope(set(), body))):
             self.read(name)
 
     def _line_magic(self, name: str, line: str, node: ast.Call, top: bool) -> None:
@@ -837,7 +832,7 @@ class _Scanner:
                 reason = _STORE_READ if re.search(r"(^|\s)-\w*r", line) else _STORE_WRITE
             self.note(shown, reason or "a magic whose effect on the namespace cannot be analysed")
 
-    def _cell_magic(self, name: str, line: str, body: str, top: bool) -> None:
+    def _cell_magic(self, name: str, line: str, body: str, *, top: bool) -> None:
         if name == "capture":
             words = [w for w in line.split() if not w.startswith("-")]
             self.nested(body, "%%capture", top=top, interruptible=True)  # run_cell swallows errors
@@ -1064,8 +1059,7 @@ def _irrefutable(pattern: ast.AST) -> bool:
     return False
 
 
-def _segment(source: str, stmt: ast.stmt) -> str:
-    lines = source.splitlines(keepends=True)
+def _segment(lines: list[str], stmt: ast.stmt) -> str:
     first = min([stmt.lineno] + [d.lineno for d in getattr(stmt, "decorator_list", [])])
     return "".join(lines[first - 1 : stmt.end_lineno])
 
@@ -1102,9 +1096,14 @@ class _Scope:
 
 def _scope_of(fn: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> _Scope:
     """The names of a function's own scope and of the scopes nested in it."""
+    params = {a.arg for a in _all_args(fn.args)}
+    return _body_scope(params, fn.body if isinstance(fn.body, list) else [fn.body])
+
+
+def _body_scope(params: set[str], body: list) -> _Scope:
     scope = _Scope("function")
-    scope.stores.update(a.arg for a in _all_args(fn.args))
-    _walk(fn.body if isinstance(fn.body, list) else [fn.body], scope)
+    scope.stores.update(params)
+    _walk(body, scope)
     return scope
 
 
