@@ -9,8 +9,8 @@ Examples
 The analysis is a definite-assignment one, as Python runs the cell: a name read at a point where
 the cell has not bound it on *every* path so far (a branch that may not run, a loop that may run
 zero times, a ``try`` body that may stop early, a comprehension, a short-circuit) may come from the
-namespace, so it is a read. Names bound on *some* path are outputs (the lifecycle saves those that
-exist after the run).
+namespace, so it is a read. Names bound on *some* path are outputs, listed in
+:attr:`CellInfo.maybe_bound` too (the lifecycle must save only those the run did bind).
 
 The cell is the code after IPython's ``transform_cell``: ``%time x = f()`` arrives as
 ``get_ipython().run_line_magic('time', 'x = f()')``, a body that starts with ``%%capture out`` as
@@ -42,16 +42,18 @@ class CellInfo:
     ----------
     reads : names read where the cell has not bound them on every path before (``del x`` included),
         in first-read order (the candidate inputs; the caller keeps those that exist in the user
-        namespace). Then the free names of functions the cell defines, unless the cell binds them
-        on every path, then ``maybe_bound``.
+        namespace), then the free names of functions the cell defines, unless the cell binds them
+        on every path.
     outputs : names bound at top level on any path (assignments, loops, ``with ... as``, walrus
         targets, also inside comprehensions, ``global`` names assigned by functions the cell
         defines, names bound by ``%time``/``%%capture`` and the like), plus names mutated in place
         (``df["x"] = ...``), in first-bind order; not those only bound by top-level
         ``import``/``def``/``class``, nor names the cell deletes on every path.
-    maybe_bound : the outputs bound on some paths only (a branch, a loop body, a comprehension's
-        walrus, a function's ``global``). They are also reads, last: where the path that binds
-        them does not run, the run leaves the value they had before, so that value is an input.
+    maybe_bound : the outputs that some paths neither bind nor delete (a branch, a loop body, a
+        comprehension's walrus, a function's ``global``). Where such a path runs, the run
+        leaves the value the name had before, which must not be saved as the step's result: those not
+        in ``reads`` (the cell never reads them before binding them) can be taken out of the
+        namespace for the run, put back if the run did not bind them, and saved only if it did.
     rebind : source of the top-level ``import``/``def``/``class`` statements, re-run on a hit.
     rebind_names : the names those statements bind.
     deleted : names absent at the end of every path through the cell because it deletes them
@@ -210,27 +212,35 @@ def _refuse_top_level(nodes: list, where: _Where, *, loop: bool) -> None:
 class _State:
     """What is known at one point of the cell: names bound on every path, names absent on every path."""
 
-    __slots__ = ("bound", "absent", "dead")
+    __slots__ = ("bound", "absent", "written", "dead")
 
-    def __init__(self, bound: set[str] | None = None, absent: set[str] | None = None, dead: bool = False) -> None:
+    def __init__(
+        self,
+        bound: set[str] | None = None,
+        absent: set[str] | None = None,
+        written: set[str] | None = None,
+        dead: bool = False,
+    ) -> None:
         self.bound = set(bound or ())
         self.absent = set(absent or ())
+        self.written = set(written or ())  # bound or deleted at least once: the old value is gone
         self.dead = dead  # no path reaches here (after `raise`, `break`, `continue`)
 
-    def copy(self) -> _State:
-        return _State(self.bound, self.absent, self.dead)
+    def copy(self, *, dead: bool | None = None) -> _State:
+        return _State(self.bound, self.absent, self.written, self.dead if dead is None else dead)
 
     def without(self, binds: set[str], dels: set[str]) -> _State:
         """This state, as seen from any point of code that binds ``binds`` and deletes ``dels``."""
-        return _State(self.bound - dels, self.absent - binds, self.dead)
+        return _State(self.bound - dels, self.absent - binds, self.written, self.dead)
 
 
 def _merge(*states: _State) -> _State:
-    live = [s for s in states if not s.dead] or [_State(states[0].bound, states[0].absent, dead=True)]
+    live = [s for s in states if not s.dead] or [states[0].copy(dead=True)]
     out = live[0].copy()
     for s in live[1:]:
         out.bound &= s.bound
         out.absent &= s.absent
+        out.written &= s.written
     return out
 
 
@@ -303,14 +313,11 @@ class _Scanner:
                     self.reads.append(name)
         only_defined = {n for n in self.rebind_names if n not in self.value_binds}
         outputs = [n for n in self.binds if n not in final.absent and n not in only_defined]
-        maybe_bound = [n for n in outputs if n not in final.bound]
-        # where the path that binds them does not run, the run leaves the value they had before
-        self.reads.extend(n for n in maybe_bound if n not in self.reads)
         return CellInfo(
             source=source,
             reads=self.reads,
             outputs=outputs,
-            maybe_bound=maybe_bound,
+            maybe_bound=[n for n in outputs if n not in final.written],
             rebind=self.rebind,
             rebind_names=self.rebind_names,
             deleted=[n for n in self.del_order if n in final.absent],
@@ -342,6 +349,7 @@ class _Scanner:
             frame = self.frames[0]
         frame.state.bound.add(name)
         frame.state.absent.discard(name)
+        frame.state.written.add(name)
         for binds, _ in self.touched:
             binds.add(name)
         if frame is self.frames[0] and output:
@@ -356,6 +364,7 @@ class _Scanner:
             frame = self.frames[0]
         frame.state.bound.discard(name)
         frame.state.absent.add(name)
+        frame.state.written.add(name)
         for _, dels in self.touched:
             dels.add(name)
         if frame is self.frames[0] and name not in self.del_order:
@@ -544,7 +553,7 @@ class _Scanner:
         self._loop(head, body)
         forever = isinstance(stmt.test, ast.Constant) and bool(stmt.test.value)
         # the loop ends where its test is false (never for `while True`), not part-way through the body
-        self.state = _State(head.bound, head.absent, dead=True) if forever else _merge(*tests)
+        self.state = head.copy(dead=True) if forever else _merge(*tests)
         self._loop_exit(stmt)
 
     def _loop(self, head: _State, body: Callable[[], None]) -> list[_State]:
