@@ -881,7 +881,10 @@ _HARMLESS = frozenset(
     "pwd dhist dirs".split()
 )
 _SHELL = frozenset("sx system ls ll lf lk ldir lx cat cp mv rm mkdir rmdir sc".split())
-_STORE_READ = "loads variables from IPython's store: the names it binds are not tracked (run it in a cell of its own before the step)"
+_STORE_READ = (
+    "loads variables from IPython's store: the names it binds are not tracked "
+    "(run it in a cell of its own before the step)"
+)
 _STORE_WRITE = "writes to IPython's store, which a hit does not do again"
 _LINE_MAGICS = {
     "run": "runs another file: the names it binds and what it reads are not tracked (import it as a module instead)",

@@ -113,7 +113,7 @@ DEFINITELY_BOUND = [
 def test_a_name_bound_on_every_path_is_not_read(cell, name):
     info = analyze(cell)
     assert name not in info.reads
-    assert name in info.outputs or name in info.rebind_names or name == "json"
+    assert name in info.outputs and name not in info.maybe_bound
 
 
 def test_conditionally_bound_names_are_outputs_in_first_bind_order():
@@ -139,9 +139,15 @@ FLOW_CELLS = [
     ("if flag:\n    x = 10", {"flag": [True, False]}),
     ("for v in data:\n    last = v\nout = last", {"data": [[], [1, 2]]}),
     ("for v in data:\n    last = v", {"data": [[], [1, 2]]}),
-    ("for v in data:\n    if v > 1:\n        hit = v\n        break\nelse:\n    hit = -1\nout = hit", {"data": [[], [1, 2], [0]]}),
+    (
+        "for v in data:\n    if v > 1:\n        hit = v\n        break\nelse:\n    hit = -1\nout = hit",
+        {"data": [[], [1, 2], [0]]},
+    ),
     ("n = len(data)\nwhile n:\n    n -= 1\n    y = n\nout = y", {"data": [[], [1, 2]]}),
-    ("it = iter(data)\nwhile (item := next(it, None)) is not None:\n    acc = item\nout = (item, acc)", {"data": [[], [1]]}),
+    (
+        "it = iter(data)\nwhile (item := next(it, None)) is not None:\n    acc = item\nout = (item, acc)",
+        {"data": [[], [1]]},
+    ),
     ("try:\n    a = data[0]\nexcept IndexError:\n    pass\nout = a", {"data": [[], [1]]}),
     ("try:\n    a = data[0]\nexcept IndexError:\n    a = None\nout = a", {"data": [[], [1]]}),
     ("try:\n    a = data[0]\nexcept IndexError as e:\n    msg = str(e)\nout = msg", {"data": [[], [1]]}),
@@ -156,7 +162,10 @@ FLOW_CELLS = [
     ("if flag:\n    del x\nout = 1", {"flag": [True, False]}),
     ("x = 1\nif flag:\n    del x\nout = 2", {"flag": [True, False]}),
     ("def get():\n    return x\nif flag:\n    x = 3\nout = get()", {"flag": [True, False]}),
-    ("class Box:\n    size = width * 2\n    if flag:\n        tag = 'on'\nout = Box.size", {"flag": [True, False], "width": [1]}),
+    (
+        "class Box:\n    size = width * 2\n    if flag:\n        tag = 'on'\nout = Box.size",
+        {"flag": [True, False], "width": [1]},
+    ),
     ("total = 0\nfor v in data:\n    total += v\n    tmp = v\ndel total\nout = 1", {"data": [[], [1]]}),
     ("keep = [v for v in data if v]\nout = len(keep)", {"data": [[], [0, 1]]}),
     ("f = lambda k: k + x\nx = 1\nout = f(1)", {}),
@@ -481,11 +490,15 @@ def test_a_nested_cell_magic_is_followed():
 
 def test_nested_ipython_syntax_needs_the_shell_transform(shell):
     cell = cell_magic("capture", "out", "%time x = f(a)\nfiles = !ls {folder}\n")
-    with pytest.raises(DreamerError, match=r"line 1 of the `%%capture` code uses IPython syntax \(`%time x = f\(a\)`\)"):
+    with pytest.raises(
+        DreamerError, match=r"line 1 of the `%%capture` code uses IPython syntax \(`%time x = f\(a\)`\)"
+    ):
         analyze(cell)
     info = analyze(cell, transform=shell.transform_cell)
     assert info.reads == ["f", "a", "folder"] and info.outputs == ["x", "files", "out"]
-    assert info.unanalysable == ["`!ls {folder}`: runs a shell command; what it reads and writes outside Python is not tracked"]
+    assert info.unanalysable == [
+        "`!ls {folder}`: runs a shell command; what it reads and writes outside Python is not tracked"
+    ]
 
 
 def test_what_real_ipython_gives_for_magics_is_analysed(shell):
@@ -587,7 +600,9 @@ def test_await_refusal_says_how_to_fix_it():
         analyze("data = await fetch()")
 
 
-@pytest.mark.parametrize("cell", ["x = (", "def f(:\n    pass", "from __future__ import nope", "x = 1\nfrom __future__ import annotations"])
+@pytest.mark.parametrize(
+    "cell", ["x = (", "def f(:\n    pass", "from __future__ import nope", "x = 1\nfrom __future__ import annotations"]
+)
 def test_invalid_python_is_one_clear_line(cell):
     with pytest.raises(DreamerError, match=r"^the cell is not valid Python \(line \d+: .*\); fix"):
         analyze(cell)
@@ -627,13 +642,17 @@ def test_global_at_the_top_level_or_in_a_class_body():
 
 
 def test_class_bodies_run_now_in_their_own_scope():
-    info = analyze("class Config:\n    lr = base_lr * 2\n    steps = lr * 10\n    if flag:\n        extra = 1\n    more = extra")
+    info = analyze(
+        "class Config:\n    lr = base_lr * 2\n    steps = lr * 10\n    if flag:\n        extra = 1\n    more = extra"
+    )
     assert info.reads == ["base_lr", "flag", "extra"]  # `lr` is the class's own; `extra` may be missing
     assert info.outputs == [] and info.rebind_names == ["Config"]
 
 
 def test_what_is_nested_in_a_class_body_does_not_see_the_class_names():
-    info = analyze("class C:\n    n = 2\n    vals = [1, 2]\n    sq = [v * n for v in vals]\n    def f(self):\n        return n")
+    info = analyze(
+        "class C:\n    n = 2\n    vals = [1, 2]\n    sq = [v * n for v in vals]\n    def f(self):\n        return n"
+    )
     assert info.reads == ["n"]  # the comprehension and the method both read the global n, not C.n
 
 
@@ -678,7 +697,8 @@ def test_changed_lines_name_the_lines():
 
 def _user_names(ip) -> dict:
     hidden = set(ip.user_ns_hidden)
-    return {k: v for k, v in ip.user_ns.items() if not k.startswith("_") and k not in hidden and k not in ("In", "Out", "exit", "quit", "get_ipython")}
+    shell_names = {"In", "Out", "exit", "quit", "get_ipython"}
+    return {k: v for k, v in ip.user_ns.items() if not k.startswith("_") and k not in hidden | shell_names}
 
 
 def _state(ip):
