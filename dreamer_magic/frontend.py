@@ -37,6 +37,7 @@ class IPythonFrontend(Frontend):
         super().__init__()
         self.shell = shell
         self.live = live
+        self.transform = shell.transform_cell
 
     # -- running code ---------------------------------------------------------------
     def run_cell(self, source: str, namespace: dict, raw: str | None = None) -> None:
@@ -58,10 +59,18 @@ class IPythonFrontend(Frontend):
         filename = shell.compile.cache(cached, shell.execution_count, raw_code=raw)
         tree = ast.parse(source, filename)
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        shell.last_execution_succeeded = True
         if tree.body:
             exec(compile(tree, filename, "exec"), namespace)
         if last is not None:
             exec(compile(ast.Interactive([last]), filename, "single"), namespace)
+        if not shell.last_execution_succeeded:  # a nested cell (%%capture's body) failed; IPython swallowed it
+            from .errors import DreamerError
+
+            raise DreamerError(
+                "the code under the cell magic in this cell failed (IPython caught the error; "
+                "its traceback is in the captured output): fix it and run the cell again"
+            )
 
     def rerun(self, statement: str, namespace: dict) -> None:
         """Re-run a definition through IPython's compiler, so its source stays findable (a

@@ -88,6 +88,8 @@ class StepSpec:
     kind: str = "step"
     extra: dict[str, Any] = field(default_factory=dict)  # more fingerprint components (decorator args)
     files: list[str] = field(default_factory=list)  # --files: what the body reads that a trace cannot see
+    unbound: set[str] = field(default_factory=set)  # outputs this run did not bind (kept their old value)
+    gone: list[str] = field(default_factory=list)  # names deleted on some paths that this run deleted
 
 
 def input_fingerprints(inputs: dict[str, Any]) -> dict[str, str]:
@@ -213,6 +215,7 @@ class Frontend:
     """
 
     name = "python"
+    transform: Callable[[str], str] | None = None  # IPython syntax -> Python (None: plain Python only)
 
     def __init__(self) -> None:
         self.last_status: Status | None = None
@@ -314,6 +317,8 @@ class StepRun:
         self.values: dict[str, Any] = {}
         self.entries: dict[str, dict] = {}  # step.json's "outputs" of the result saved or loaded
         self.dependencies: dict | None = None  # what the body read besides its inputs (traced)
+        self.meta: dict | None = None  # step.json of the result loaded
+        self.cell_info: Any = None  # the cell analysis (cell steps), for notes on what it cannot analyse
         # Where this step's folder and its backups live: the output folder, or for a nested
         # step the folder its parent is writing (so nested backups travel with the parent).
         if self.parent is None:
@@ -482,6 +487,7 @@ class StepRun:
         status = self.status
         entries = meta.get("outputs") or {}
         self.entries = entries
+        self.meta = meta
         self.rebind()
         values = self._load_values(folder, entries)
         self._restore_rng(folder, meta)
@@ -547,6 +553,8 @@ class StepRun:
 
         values = {}
         for name in self.spec.outputs:
+            if name in self.spec.unbound:
+                continue
             if name not in namespace:
                 if self.spec.strict_outputs:
                     raise DreamerError(
@@ -578,7 +586,9 @@ class StepRun:
         return recorded
 
     def _note_untracked(self, recorded: dict | None) -> None:
-        for line in (recorded or {}).get("untracked") or []:
+        lines = list((recorded or {}).get("untracked") or [])
+        lines += list(getattr(self.cell_info, "unanalysable", None) or [])
+        for line in lines:
             note = Reason(line, "untracked")
             if str(note) not in map(str, self.status.notes):
                 self.status.notes.append(note)
@@ -659,6 +669,7 @@ class StepRun:
             "packages": core_versions(),
             "parent": self.parent.name_path if self.parent else None,
             "dependencies": self.dependencies,
+            "deleted": self.spec.gone,
         }
 
     def _discard(self) -> None:
@@ -789,11 +800,16 @@ def cell_spec(
     exclude: set[str] | frozenset[str] = frozenset(),
     kind: str = "step",
     files: list[str] | None = None,
+    transform: Callable[[str], str] | None = None,
 ) -> tuple[StepSpec, Any]:
-    """Work out a cell's inputs, outputs and libraries: the :class:`StepSpec` and the cell analysis."""
+    """Work out a cell's inputs, outputs and libraries: the :class:`StepSpec` and the cell analysis.
+
+    ``transform`` turns IPython syntax nested in the cell (a ``%%capture`` body, the statement
+    after ``%time``) into Python (the shell's ``transform_cell``).
+    """
     import types
 
-    info = analyze(source)
+    info = analyze(source, transform=transform)
     if inputs is None:
         input_names = [n for n in info.reads if n in namespace and n not in exclude and not n.startswith("__")]
     else:
@@ -881,17 +897,42 @@ def run_cell_step(
     """
     __tracebackhide__ = True  # noqa: F841
     frontend = frontend or current_frontend()
+    options.setdefault("transform", frontend.transform)
     spec, info = cell_spec(name, source, namespace, **options)
-
-    def run_body() -> dict:
-        __tracebackhide__ = True  # noqa: F841
-        frontend.run_cell(source, namespace, raw)
-        return namespace
-
-    run = StepRun(spec, run_body, status, frontend, namespace=namespace)
+    run = StepRun(spec, cell_body(frontend, source, namespace, raw, spec, info), status, frontend, namespace=namespace)
+    run.cell_info = info
     values = run.run()
     namespace.update(values)
     if run.status.state in (LOADED, RESTORED):
-        for deleted in info.deleted:  # as the body's `del` would have left it
-            namespace.pop(deleted, None)
+        leave_as_run_left(namespace, info, run.meta)
     return run.status
+
+
+def cell_body(frontend: Frontend, source: str, namespace: dict, raw: str | None, spec: StepSpec, info: Any) -> Callable[[], dict]:
+    """The body of a cell step or trainer, run so that the outputs are what the run bound.
+
+    A name the cell binds on some paths only (a loop that may not run, a branch) keeps its old
+    value when that path does not run; such a value is no output of this run, so it is set
+    aside first and put back afterwards, and only names the run did bind are saved.
+    """
+
+    def run_body() -> dict:
+        __tracebackhide__ = True  # noqa: F841
+        aside = {n: namespace.pop(n) for n in info.maybe_bound if n not in info.reads and n in namespace}
+        try:
+            frontend.run_cell(source, namespace, raw)
+        finally:
+            for name, value in aside.items():
+                if name not in namespace:
+                    namespace[name] = value
+                    spec.unbound.add(name)
+        spec.gone = [n for n in info.maybe_deleted if n not in namespace]
+        return namespace
+
+    return run_body
+
+
+def leave_as_run_left(namespace: dict, info: Any, meta: dict | None) -> None:
+    """After a hit: delete what the body's ``del`` statements deleted in the saved run."""
+    for name in [*info.deleted, *((meta or {}).get("deleted") or [])]:
+        namespace.pop(name, None)

@@ -723,16 +723,19 @@ def run_cell_trainer(
     """
     __tracebackhide__ = True  # noqa: F841
     frontend = frontend or steps.current_frontend()
+    options.setdefault("transform", frontend.transform)
     spec, info = cell_spec(name, source, namespace, kind="trainer", **options)
-
-    def run_body() -> dict:
-        __tracebackhide__ = True  # noqa: F841
-        frontend.run_cell(source, namespace, raw)
-        return namespace
-
     run = TrainerRun(
-        spec, run_body, status or Status(kind="trainer", name=name), resume=resume, namespace=namespace, frontend=frontend
+        spec,
+        steps.cell_body(frontend, source, namespace, raw, spec, info),
+        status or Status(kind="trainer", name=name),
+        resume=resume,
+        namespace=namespace,
+        frontend=frontend,
     )
+    run.cell_info = info
     values = run.run()
     namespace.update(values)
+    if run.status.state in (LOADED, RESTORED):
+        steps.leave_as_run_left(namespace, info, run.meta)
     return run.status

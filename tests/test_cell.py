@@ -784,7 +784,6 @@ def test_step_refuses_other_cell_magics_and_top_level_return(ip):
         ip.run_cell_magic("dreamer_step", "awaits", "import asyncio\nawait asyncio.sleep(0)\n")
 
 
-@pytest.mark.xfail(strict=True, reason="lead wires CellInfo.deleted into the lifecycle")
 def test_step_that_deletes_a_name_deletes_it_on_a_hit(ip):
     cell = "total = sum(scratch)\ndel scratch\n"
     ip.user_ns["scratch"] = [1, 2]
@@ -797,7 +796,6 @@ def test_step_that_deletes_a_name_deletes_it_on_a_hit(ip):
     _same_namespace(_user_names(ip), after_run)
 
 
-@pytest.mark.xfail(strict=True, reason="lead wires CellInfo.maybe_bound into the lifecycle")
 def test_step_whose_loop_did_not_run_leaves_its_target_as_it_was(ip):
     cell = "for v in data:\n    last = v\n"
     ip.user_ns.update(data=[], last="old")
@@ -809,7 +807,6 @@ def test_step_whose_loop_did_not_run_leaves_its_target_as_it_was(ip):
     assert ip.user_ns["last"] == "newer"
 
 
-@pytest.mark.xfail(strict=True, reason="lead wires CellInfo.unanalysable into the status")
 def test_step_status_names_what_it_cannot_analyse(ip):
     ip.run_cell_magic("dreamer_step", "env-step", "%env DREAMER_TEST_FLAG=1\nx = 1\n")
     notes = " ".join(ip._dreamer_magics._last_status.notes)
