@@ -28,6 +28,9 @@ from pathlib import Path
 
 from dreamer_magic.dependencies import check, trace
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import median_time, ms  # noqa: E402
+
 HOT = '''
 def add(x):
     return x + 1
@@ -41,17 +44,6 @@ def body(n):
 '''
 
 
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:8.2f} ms"
 
 
 def main() -> None:
