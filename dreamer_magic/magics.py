@@ -208,7 +208,7 @@ class DreamerMagics(Magics):
             from . import cache
 
             caches = cache.list_databases(out.cache_dir)
-        return render_overview(out.overview(), caches)
+        return render_overview(out.overview(), caches, folder=out.root)
 
     def _why(self, args: Any) -> Any:
         from .render import render_why
