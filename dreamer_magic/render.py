@@ -464,7 +464,7 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str) -> st
     )
     body = "".join(
         '<tr data-row="">'
-        + "".join(f'<td style="padding:1px 10px 1px 0;vertical-align:top">{c}</td>' for c in r)
+        + "".join(f'<td style="text-align:left;padding:1px 10px 1px 0;vertical-align:top">{c}</td>' for c in r)
         + "</tr>"
         for r in rows
     )
