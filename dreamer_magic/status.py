@@ -405,6 +405,7 @@ class Progress:
     done: float
     total: float | None = None
     eta: float | None = None
+    source: str = ""  # who reports it: "tqdm" (read by the live card's clock), or the code that set it
 
 
 @dataclass

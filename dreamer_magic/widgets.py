@@ -194,6 +194,8 @@ def _status_view_class() -> type:
             changed."""
             s = self.status
             progress = observed_progress(s) if s.step is None else None
+            if progress is None and s.progress is not None and s.progress.source != "tqdm":
+                progress = s.progress  # reported by other code (generation batches): keep it
             moved = progress != s.progress
             if moved:
                 s.progress = progress
@@ -394,7 +396,7 @@ def observed_progress(status: Status) -> Progress | None:
     if 0 < done < total and elapsed > 0:
         eta = (total - done) * elapsed / done
     what = str(getattr(bar, "desc", "") or "").rstrip(": ")
-    return Progress(what, done, total, eta)
+    return Progress(what, done, total, eta, source="tqdm")
 
 
 def widgets_supported() -> bool:

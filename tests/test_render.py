@@ -420,7 +420,10 @@ def test_an_error_in_a_body_is_named_once(ip, capsys):
 def test_dreamer_status_names_the_folder_and_the_sessions_counts(ip, tmp_path):
     ip.run_cell_magic("dreamer_step", "one", "a = 1\n")
     r = ip.run_line_magic("dreamer", "status")
-    assert r.text.splitlines()[0] == f"dreamer output folder {tmp_path / 'output'}"
+    assert r.text.splitlines()[0] == "dreamer output folder output"  # the cwd is tmp_path
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"  # outside the working directory
+    ip.run_line_magic("dreamer", f"output {elsewhere}")
+    assert ip.run_line_magic("dreamer", "status").text.splitlines()[0] == f"dreamer output folder {elsewhere}"
 
 
 def test_outputs_of_a_cell_fold_loop_variables_and_underscore_names(ip):

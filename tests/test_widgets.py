@@ -657,3 +657,15 @@ def test_overview_names_the_folder_and_says_which_counts_are_this_sessions():
     assert r.text.splitlines()[0] == "dreamer output folder /data/output"
     assert "hits, misses and hit rate: this kernel session" in r.text
     assert "this kernel session" in r.html and "/data/output" in r.html
+
+
+def test_progress_reported_by_other_code_is_kept_by_the_clock():
+    from dreamer_magic.status import Progress
+
+    s = a_step()
+    view = StatusView(s, interval=0)
+    s.progress = Progress("generate", 3, 10, eta=7.0, source="generation")
+    s.changed()
+    view.tick()  # no tqdm bar: the generation batches' progress stays
+    assert s.progress.what == "generate" and "generate 3/10 (30%), ETA 7.0 s" in view.details.value
+    view.finish()
