@@ -1212,18 +1212,31 @@ def changed_lines(old: str, new: str) -> list[str]:
     return out
 
 
-def line_changes(old: str, new: str) -> list[tuple[str, str | None, str | None]]:
+def line_changes(old: str, new: str, first_line: int = 1) -> list[tuple[str, str | None, str | None]]:
     """Where the code lines of a cell changed: ``(where, before, after)``, shortened.
 
-    ``where`` uses the new cell's line numbers; ``before`` is ``None`` for added lines,
-    ``after`` is ``None`` for removed ones.
+    ``where`` uses the line numbers the editor shows for the new code: comments and blank lines
+    count as lines (they do not count as changes), and ``first_line`` is the number of the
+    code's first line (2 for a cell body under its ``%%dreamer_step`` line). ``before`` is
+    ``None`` for added lines, ``after`` is ``None`` for removed ones.
 
     Examples
     --------
     >>> line_changes("a = 1\\nb = 2", "a = 1\\nb = 3\\nc = 4")
     [('lines 2-3', 'b = 2', 'b = 3 / c = 4')]
+    >>> line_changes("a = 1", "# note\\na = 2", first_line=2)
+    [('line 3', 'a = 1', 'a = 2')]
     """
     old_lines, new_lines = code_lines(old), code_lines(new)
+    numbers = [
+        first_line + i for i, line in enumerate(new.splitlines()) if line.strip() and not line.strip().startswith("#")
+    ]
+
+    def number(j: int) -> int:  # the editor's number of the new code's j-th counted line
+        if j < len(numbers):
+            return numbers[j]
+        return (numbers[-1] + 1) if numbers else first_line
+
     out: list[tuple[str, str | None, str | None]] = []
     matcher = difflib.SequenceMatcher(a=old_lines, b=new_lines, autojunk=False)
     for op, i1, i2, j1, j2 in matcher.get_opcodes():
@@ -1231,14 +1244,54 @@ def line_changes(old: str, new: str) -> list[tuple[str, str | None, str | None]]
             continue
         before = _short(" / ".join(s.strip() for s in old_lines[i1:i2]))
         after = _short(" / ".join(s.strip() for s in new_lines[j1:j2]))
-        where = f"line {j1 + 1}" if j2 - j1 <= 1 else f"lines {j1 + 1}-{j2}"
+        start, end = number(j1), number(j2 - 1)
+        where = f"line {start}" if j2 - j1 <= 1 or end == start else f"lines {start}-{end}"
         if op == "replace":
             out.append((where, before, after))
         elif op == "insert":
             out.append((where, None, after))
         else:
-            out.append((f"line {j1 + 1}", before, None))
+            out.append((f"line {number(j1)}", before, None))
     return out
+
+
+def loop_names(source: str) -> list[str]:
+    """Names bound only as ``for`` loop targets at the cell's top level (its temporaries).
+
+    >>> loop_names("for i, row in enumerate(rows):\\n    total = i\\nrow = 1")
+    ['i']
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    nodes: list[ast.AST] = []
+    todo: list[ast.AST] = list(tree.body)
+    while todo:  # every node of the cell's own scope (not inside a def, class or lambda)
+        node = todo.pop()
+        nodes.append(node)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    found: list[tuple[int, int, str]] = []
+    scoped: set[int] = set()  # Name nodes bound by a loop, or inside a comprehension
+    for node in nodes:
+        if isinstance(node, (ast.For, ast.AsyncFor)):
+            for n in ast.walk(node.target):
+                if isinstance(n, ast.Name):
+                    scoped.add(id(n))
+                    found.append((n.lineno, n.col_offset, n.id))
+        elif isinstance(node, ast.comprehension):
+            scoped.update(id(n) for n in ast.walk(node.target))
+    other = {
+        n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and id(n) not in scoped
+    }
+    other |= {n.name for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    loops: list[str] = []
+    for _, _, name in sorted(found):
+        if name not in loops:
+            loops.append(name)
+    return [n for n in loops if n not in other]
 
 
 def _short(text: str, limit: int = 80) -> str:

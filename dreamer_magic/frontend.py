@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import html
 import sys
+import threading
 from typing import Any, Iterator
 
-from .status import Status
-from .steps import Frontend
+from .render import StatusHandle, TextStatus
+from .status import FAILED, Status
+from .steps import Frontend, active_runs
 
 
 class IPythonFrontend(Frontend):
@@ -38,6 +41,7 @@ class IPythonFrontend(Frontend):
         self.shell = shell
         self.live = live
         self.transform = shell.transform_cell
+        self._shown: list[_Shown] = []  # status handles of the steps running now, outermost first
 
     # -- running code ---------------------------------------------------------------
     def run_cell(self, source: str, namespace: dict, raw: str | None = None) -> None:
@@ -82,50 +86,76 @@ class IPythonFrontend(Frontend):
     # -- output -----------------------------------------------------------------------
     @contextlib.contextmanager
     def capture(self, records: list) -> Iterator[None]:
-        """Record streams and rich outputs (HTML, images, plots, the last expression's value)
-        while still showing them.
+        """Record what the body shows, as it ends up, while still showing it.
 
-        Live widgets (progress bars, say) are not recorded: replayed later they would be a
-        frozen snapshot of their first state. In a terminal the last expression's value is
-        printed to stdout, which is recorded already.
+        Streams and rich outputs (HTML, images, plots, the last expression's value) are kept in
+        order and collapsed to their final state when the body ends: a display updated in place
+        (``display(..., display_id=...)`` then ``handle.update(...)``, the Trainer's
+        training/validation table) keeps its last data; ``clear_output()`` drops what came
+        before; carriage returns in a stream (a tqdm bar in text) keep what the line finally
+        read; a widget (a tqdm bar in a notebook) becomes the text and HTML of its last state,
+        or nothing if it was closed. Status cards of this package are not recorded.
         """
-
-        def record(data: dict | None, metadata: dict | None) -> None:
-            if data and not any("widget-view" in k or "widget-state" in k for k in data):
-                records.append({"data": dict(data), "metadata": metadata or {}})
-
+        rec = _Recording(records)
         pub = self.shell.display_pub
         hook = self.shell.displayhook
         original_publish = pub.publish
         original_write = hook.write_format_data
+        original_clear = pub.clear_output
+        live_handles = [h for h in self._shown if h.live]
 
         def publish(data: dict, metadata: dict | None = None, *a: Any, **kw: Any) -> Any:
-            if not kw.get("transient"):
-                record(data, metadata)
-            return original_publish(data, metadata, *a, **kw)
+            rec.display(data, metadata, kw.get("transient"), bool(kw.get("update")))
+            with _quiet():  # a terminal prints the text/plain: recorded once, as the display
+                return original_publish(data, metadata, *a, **kw)
 
         def write_format_data(format_dict: dict, md_dict: dict | None = None) -> Any:
-            record(format_dict, md_dict)
-            return original_write(format_dict, md_dict)
+            rec.display(format_dict, md_dict, None, False)
+            with _quiet():
+                return original_write(format_dict, md_dict)
 
-        patches = [(pub, "publish", publish)]
+        def clear_output(*a: Any, **kw: Any) -> Any:
+            with _quiet():
+                result = original_clear(*a, **kw)
+            rec.clear()
+            for handle in live_handles:  # the cell's output area is gone, our card with it
+                handle.cleared()
+            return result
+
+        patches = [(pub, "publish", publish), (pub, "clear_output", clear_output)]
         if type(hook).__name__.startswith("ZMQ"):
             patches.append((hook, "write_format_data", write_format_data))
         saved = [(obj, name, vars(obj).get(name)) for obj, name, _ in patches]
         for obj, name, wrapper in patches:
             setattr(obj, name, wrapper)
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, "stdout", rec), _Tee(err, "stderr", rec)
         try:
-            with super().capture(records):
-                yield
+            yield
         finally:  # put back exactly what was there (an outer step's wrapper, or nothing)
+            sys.stdout, sys.stderr = out, err
             for obj, name, before in saved:
                 if before is None:
                     vars(obj).pop(name, None)
                 else:
                     setattr(obj, name, before)
+            rec.finish()
 
     def replay(self, records: list) -> None:
-        """Show recorded output again: streams as text, rich outputs through IPython's display."""
+        """Show recorded output again: streams as text, rich outputs through IPython's display.
+
+        Without a widget card (terminal IPython) the status line is printed first, then the
+        replayed output, as a run would read: what happened, then what the cell showed.
+        """
+        runs = active_runs()
+        status = runs[-1].status if runs else None
+        for handle in reversed(self._shown):
+            if handle.status is status and not handle.live and not handle.finished:
+                handle.pending = records  # shown by finish(), after the status line
+                return
+        self._replay(records)
+
+    def _replay(self, records: list) -> None:
         from IPython.display import publish_display_data
 
         for rec in records:
@@ -140,4 +170,225 @@ class IPythonFrontend(Frontend):
         """A live card in a Jupyter kernel, a text line elsewhere; ``finish()`` shows the final state."""
         from .widgets import display_status
 
-        return display_status(status, live=self.live)
+        handle = _Shown(self, display_status(status, live=self.live))
+        self._shown.append(handle)
+        return handle
+
+
+class _Shown(StatusHandle):
+    """The frontend's wrapper of a status handle: replays after a text status line, re-shows a
+    card that ``clear_output()`` removed."""
+
+    def __init__(self, frontend: IPythonFrontend, inner: StatusHandle) -> None:
+        self.frontend, self.inner, self.status = frontend, inner, inner.status
+        self.live = not isinstance(inner, TextStatus)
+        self.pending: list | None = None
+        self.finished = False
+
+    def cleared(self) -> None:
+        redisplay = getattr(self.inner, "redisplay", None)
+        if redisplay is not None and not self.finished:
+            redisplay()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        with contextlib.suppress(ValueError):
+            self.frontend._shown.remove(self)
+        if self.status.state == FAILED and self.status.error:
+            self.status.error_shown_below = True  # the magic raises it: a traceback or a UsageError
+        self.inner.finish()
+        pending, self.pending = self.pending, None
+        if pending:
+            self.frontend._replay(pending)
+
+
+# --------------------------------------------------------------------------------------------
+# Recording what a body shows
+
+
+class _Quiet(threading.local):
+    depth = 0
+
+
+_QUIET = _Quiet()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Streams written meanwhile are not recorded (they are part of a display being recorded)."""
+    _QUIET.depth += 1
+    try:
+        yield
+    finally:
+        _QUIET.depth -= 1
+
+
+class _Tee:
+    """A stream that writes through to the real one and records what passed."""
+
+    def __init__(self, stream: Any, name: str, recording: _Recording) -> None:
+        self._stream, self._name, self._recording = stream, name, recording
+
+    def write(self, text: str) -> int:
+        if text and not _QUIET.depth:
+            self._recording.stream(self._name, text)
+        return self._stream.write(text)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._stream, attr)
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+OWN_MARK = "dreamer_magic"  # display metadata key of this package's status cards
+
+
+class _Recording:
+    """What one body showed, kept in order and collapsed to the state it ended in."""
+
+    def __init__(self, records: list) -> None:
+        self.records = records
+        self.widgets: list[tuple[dict, Any]] = []  # (record, widget): made static at the end
+        self.own_ids: set[str] = set()
+
+    def stream(self, name: str, text: str) -> None:
+        records = self.records
+        if records and records[-1].get("stream") == name:
+            records[-1]["text"] += text
+        else:
+            records.append({"stream": name, "text": text})
+
+    def display(self, data: dict | None, metadata: dict | None, transient: dict | None, update: bool) -> None:
+        display_id = (transient or {}).get("display_id")
+        if metadata and OWN_MARK in metadata:  # a status card (of a nested step): not replayed
+            if display_id:
+                self.own_ids.add(display_id)
+            return
+        if not data or WIDGET_STATE in data or display_id in self.own_ids:
+            return
+        if update:  # a display updated in place: keep its last data
+            for rec in self.records:
+                if display_id is not None and rec.get("display_id") == display_id:
+                    self._fill(rec, data, metadata)
+            return  # an update of something shown before this cell ran is not this cell's
+        rec: dict[str, Any] = {}
+        if display_id is not None:
+            rec["display_id"] = display_id
+        self._fill(rec, data, metadata)
+        self.records.append(rec)
+
+    def _fill(self, rec: dict, data: dict, metadata: dict | None) -> None:
+        rec["data"] = {k: v for k, v in data.items() if k != WIDGET_VIEW}
+        rec["metadata"] = dict(metadata or {})
+        self.widgets = [(r, w) for r, w in self.widgets if r is not rec]
+        if WIDGET_VIEW in data:
+            widget = _widget_of(data[WIDGET_VIEW])
+            if widget is not None:
+                self.widgets.append((rec, widget))
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.widgets.clear()
+
+    def finish(self) -> None:
+        """Collapse: widgets to their final text/HTML, carriage returns to the final line."""
+        for rec, widget in self.widgets:
+            static = _widget_static(widget)
+            if static is None:
+                rec.clear()  # closed or hidden: the cell no longer showed it
+            else:
+                rec["data"] = static
+        self.widgets.clear()
+        kept = []
+        for rec in self.records:
+            if "stream" in rec:
+                rec["text"] = collapse_carriage_returns(rec["text"])
+                if not rec["text"]:
+                    continue
+            elif not rec.get("data"):
+                continue
+            rec.pop("display_id", None)
+            kept.append(rec)
+        self.records[:] = kept
+
+
+def collapse_carriage_returns(text: str) -> str:
+    """What a terminal line finally reads when ``\\r`` rewrites it (a text progress bar).
+
+    >>> collapse_carriage_returns("\\r 10%|#    |\\r100%|#####|\\ndone\\n")
+    '100%|#####|\\ndone\\n'
+    """
+    if "\r" not in text:
+        return text
+    out = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if "\r" not in line:
+            out.append(line)
+            continue
+        chars: list[str] = []
+        pos = 0
+        for ch in line:
+            if ch == "\r":
+                pos = 0
+                continue
+            if pos < len(chars):
+                chars[pos] = ch
+            else:
+                chars.append(ch)
+            pos += 1
+        out.append("".join(chars).rstrip())
+    return "\n".join(out)
+
+
+def _widget_of(view: Any) -> Any:
+    """The live ipywidgets object of a widget-view bundle (``None`` without ipywidgets)."""
+    module = sys.modules.get("ipywidgets.widgets.widget")
+    model_id = view.get("model_id") if isinstance(view, dict) else None
+    if module is None or not model_id:
+        return None
+    return getattr(module, "_instances", {}).get(model_id)
+
+
+def _widget_static(widget: Any) -> dict | None:
+    """A widget's final state as ``text/plain`` and ``text/html``; ``None`` when it was closed.
+
+    A tqdm bar reads as its final meter (``100%|██████████| 10/10 [00:01<00:00, 9.9it/s]``);
+    boxes, HTML, labels and progress bars become plain HTML.
+    """
+    if getattr(widget, "comm", None) is None:
+        return None
+    layout = getattr(widget, "layout", None)
+    if getattr(layout, "display", None) == "none" or getattr(layout, "visibility", None) == "hidden":
+        return None
+    text = repr(widget) if hasattr(widget, "pbar") else _widget_text(widget)
+    return {"text/plain": text, "text/html": _widget_html(widget)}
+
+
+def _widget_text(widget: Any) -> str:
+    import re
+
+    children = getattr(widget, "children", None)
+    if children is not None:
+        return " ".join(t for t in (_widget_text(c) for c in children) if t)
+    if hasattr(widget, "max") and hasattr(widget, "value") and "Progress" in type(widget).__name__:
+        return f"{float(widget.value):g}/{float(widget.max):g}"
+    value = getattr(widget, "value", "")
+    text = re.sub(r"<[^>]+>", "", str(value)) if "HTML" in type(widget).__name__ else str(value)
+    return html.unescape(text).strip()
+
+
+def _widget_html(widget: Any) -> str:
+    name = type(widget).__name__
+    children = getattr(widget, "children", None)
+    if children is not None:
+        direction = "column" if "VBox" in name else "row"
+        inner = "".join(_widget_html(c) for c in children)
+        return f'<div style="display:flex;flex-direction:{direction};gap:6px;align-items:center">{inner}</div>'
+    if "Progress" in name:
+        return f'<progress value="{float(widget.value):g}" max="{float(widget.max):g}" style="width:220px"></progress>'
+    value = getattr(widget, "value", "")
+    if "HTML" in name:
+        return f"<span>{value}</span>"
+    return f"<span>{html.escape(str(value))}</span>"

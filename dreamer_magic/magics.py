@@ -216,7 +216,7 @@ class DreamerMagics(Magics):
             from . import cache
 
             caches = cache.list_databases(out.cache_dir)
-        return render_overview(out.overview(), caches)
+        return render_overview(out.overview(), caches, folder=_shown_path(out.root))
 
     def _why(self, args: Any) -> Any:
         from .render import render_why
@@ -262,6 +262,18 @@ class DreamerMagics(Magics):
 
         removed, freed = OutputFolder(get_output_folder()).gc(keep)
         print(f"removed {removed} backup{'s' if removed != 1 else ''}, freed {human_size(freed)}")
+
+
+def _shown_path(path: Any) -> str:
+    """A folder as the user names it: relative to the working directory when it is inside it."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        return str(path.relative_to(Path(os.getcwd()).resolve())) or "."
+    except ValueError:
+        return str(path)
 
 
 def load(shell: Any) -> None:

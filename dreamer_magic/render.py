@@ -37,6 +37,7 @@ from .status import (
     RUNNING,
     WAITING,
     CheckpointInfo,
+    OutputInfo,
     Reason,
     Status,
 )
@@ -209,10 +210,46 @@ def _timing_phrase(status: Status) -> str:
 
 
 def _latest_loss(status: Status) -> tuple[int, float] | None:
-    for step, loss in reversed(status.losses):
+    return _latest(status.losses)
+
+
+def _latest(losses: Sequence[tuple[int, float]]) -> tuple[int, float] | None:
+    for step, loss in reversed(losses):
         if loss is not None and math.isfinite(loss):
             return step, loss
     return None
+
+
+def _body_progress_phrase(status: Status) -> str:
+    """``"tokenize 40/100 (40%), ETA 12 s"``: what the body reports, while it runs."""
+    p = status.progress
+    if p is None or status.duration is not None:
+        return ""
+    done = f"{p.done:g}"
+    text = (p.what + " " if p.what else "") + done
+    if p.total:
+        frac = min(1.0, max(0.0, p.done / p.total))
+        text += f"/{p.total:g} ({frac:.0%})"
+    if p.eta is not None:
+        text += f", ETA {human_duration(p.eta)}"
+    return text
+
+
+def ordered_outputs(status: Status) -> tuple[list[OutputInfo], list[OutputInfo]]:
+    """The outputs as the card lists them: the values that matter (largest first), then the
+    temporaries (loop variables, ``_``-names) that the card folds away."""
+    main = sorted((o for o in status.outputs if not o.temporary), key=lambda o: -o.size)
+    return main, [o for o in status.outputs if o.temporary]
+
+
+def _error_phrase(status: Status) -> str:
+    """The error, named once: when it is shown right below the card (a traceback, a UsageError
+    line) only its type is repeated."""
+    error = status.error or ""
+    if status.error_shown_below:
+        kind = error.split(":", 1)[0].strip() or "the error"
+        return f"{kind} (shown below)"
+    return error
 
 
 def _has_progress(status: Status) -> bool:
@@ -270,14 +307,24 @@ def status_text(status: Status) -> str:
         head += f" {timing}"
     if status.saved is not None:
         head += f" (saved {human_duration(status.saved)})"
-    if status.outputs:
-        outs = ", ".join(
-            f"{o.name} ({o.type}, {o.storage}, {human_size(o.size)})" for o in status.outputs
-        )
+    main, temporaries = ordered_outputs(status)
+    if main:
+        outs = ", ".join(f"{o.name} ({o.type}, {o.storage}, {human_size(o.size)})" for o in main)
         head += f" — outputs: {outs}"
     lines = [head]
     if status.reasons:
         lines.append("  why: " + "; ".join(reason_text(r) for r in status.reasons))
+    if temporaries:
+        lines.append(
+            "  temporaries: " + ", ".join(o.name for o in temporaries)
+            + f" ({human_size(sum(o.size for o in temporaries))})"
+        )
+    pickled = [o.name for o in status.outputs if o.pickled]
+    if pickled:
+        lines.append(f"  pickled: {', '.join(pickled)} ({_PICKLE_WARNING})")
+    body = _body_progress_phrase(status)
+    if body:
+        lines.append("  progress: " + body)
     if status.cache:
         parts = []
         for db, (hits, misses) in sorted(dict(status.cache).items()):
@@ -290,6 +337,11 @@ def status_text(status: Status) -> str:
         if latest is not None:
             progress = (progress + ", " if progress else "") + (
                 f"loss {_fmt_loss(latest[1])} at step {latest[0]}"
+            )
+        latest_eval = _latest(status.eval_losses)
+        if latest_eval is not None:
+            progress = (progress + ", " if progress else "") + (
+                f"validation loss {_fmt_loss(latest_eval[1])} at step {latest_eval[0]}"
             )
         if progress:
             lines.append("  progress: " + progress)
@@ -312,7 +364,7 @@ def status_text(status: Status) -> str:
     for note in status.notes:
         lines.append(f"  note: {note}")
     if status.error:
-        lines.append(f"  error: {status.error}")
+        lines.append(f"  error: {_error_phrase(status)}")
     return "\n".join(lines)
 
 
@@ -412,7 +464,7 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str) -> st
     )
     body = "".join(
         '<tr data-row="">'
-        + "".join(f'<td style="padding:1px 10px 1px 0;vertical-align:top">{c}</td>' for c in r)
+        + "".join(f'<td style="text-align:left;padding:1px 10px 1px 0;vertical-align:top">{c}</td>' for c in r)
         + "</tr>"
         for r in rows
     )
@@ -432,23 +484,27 @@ def _details_html(status: Status) -> str:
             for r in status.reasons
         )
         out.append(_row("why", items, "dreamer-reasons"))
-    if status.outputs:
-        rows = [
-            (
-                f'<span class="dreamer-output" data-name="{_esc(o.name)}">{_esc(o.name)}</span>',
-                _esc(o.type),
-                _esc(o.storage),
-                _esc(human_size(o.size)),
-            )
-            for o in status.outputs
-        ]
-        table = _table(("output", "type", "storage", "size"), rows, "dreamer-outputs")
+    main, temporaries = ordered_outputs(status)
+    if main:
+        table = _table(("output", "type", "storage", "size"), [_output_row(o) for o in main], "dreamer-outputs")
         if len(status.outputs) > 1:
             table += (
                 f'<div style="{_MUTED};font-size:12px">total '
                 f"{_esc(human_size(status.total_size))}</div>"
             )
         out.append(table)
+    if temporaries:
+        names = ", ".join(_esc(o.name) for o in temporaries)
+        out.append(
+            f'<details class="dreamer-temporaries" style="font-size:12px;margin-top:2px">'
+            f'<summary style="{_MUTED};cursor:pointer">{len(temporaries)} '
+            f"temporar{'y' if len(temporaries) == 1 else 'ies'} (loop variables, _names): {names}</summary>"
+            + _table(("output", "type", "storage", "size"), [_output_row(o) for o in temporaries], "dreamer-outputs-temporary")
+            + "</details>"
+        )
+    body = _body_progress_phrase(status)
+    if body:
+        out.append(_row("progress", f'<span class="dreamer-body-progress">{_esc(body)}</span>', "dreamer-progress-row"))
     if status.cache:
         rows = []
         for db, (hits, misses) in sorted(dict(status.cache).items()):
@@ -469,9 +525,27 @@ def _details_html(status: Status) -> str:
     if status.error:
         out.append(
             f'<div class="dreamer-error" style="margin-top:3px;color:{RED};'
-            f'font-family:{_MONO};white-space:pre-wrap">{_esc(status.error)}</div>'
+            f'font-family:{_MONO};white-space:pre-wrap">{_esc(_error_phrase(status))}</div>'
         )
     return "".join(out)
+
+
+_PICKLE_WARNING = "loading a pickle runs code: load it only from folders you trust"
+
+
+def _output_row(o: OutputInfo) -> tuple[str, str, str, str]:
+    storage = _esc(o.storage)
+    if o.pickled:
+        storage = (
+            f'<span class="dreamer-pickled" title="{_esc(_PICKLE_WARNING)}" '
+            f'style="color:{ORANGE}">⚠ {storage}</span>'
+        )
+    return (
+        f'<span class="dreamer-output" data-name="{_esc(o.name)}">{_esc(o.name)}</span>',
+        _esc(o.type),
+        storage,
+        _esc(human_size(o.size)),
+    )
 
 
 def _progress_label_html(status: Status) -> str:
@@ -485,6 +559,12 @@ def _progress_label_html(status: Status) -> str:
             f'<span class="dreamer-loss" data-loss="{latest[1]!r}">loss '
             f"<b>{_esc(_fmt_loss(latest[1]))}</b></span>"
         )
+    latest_eval = _latest(status.eval_losses)
+    if latest_eval is not None:
+        parts.append(
+            f'<span class="dreamer-eval-loss" data-loss="{latest_eval[1]!r}">validation loss '
+            f"<b>{_esc(_fmt_loss(latest_eval[1]))}</b></span>"
+        )
     return f'<span style="font-size:12px;font-family:{_MONO}">{" · ".join(parts)}</span>'
 
 
@@ -492,7 +572,7 @@ def _static_progress_html(status: Status) -> str:
     """The progress bar and label in plain HTML, for the static rendering."""
     label = _progress_label_html(status)
     if not _has_progress(status):
-        if _progress_phrase(status) or _latest_loss(status):
+        if _progress_phrase(status) or _latest_loss(status) or _latest(status.eval_losses):
             return f'<div style="margin-top:4px">{label}</div>'
         return ""
     assert status.max_steps and status.step is not None
@@ -512,7 +592,7 @@ def _trainer_html(status: Status) -> str:
     if status.kind != "trainer":
         return ""
     out = []
-    svg = loss_svg(status.losses)
+    svg = loss_svg(status.losses, eval_losses=status.eval_losses)
     if svg:
         out.append(f'<div class="dreamer-loss-curve" style="margin-top:4px">{svg}</div>')
     if status.resumed_from:
@@ -629,21 +709,36 @@ def _downsample(points: list[tuple[float, float]], limit: int) -> list[tuple[flo
     return out
 
 
+def _finite_points(losses: Sequence[tuple[int, float]]) -> list[tuple[float, float]]:
+    pts = [
+        (float(s), float(v))
+        for s, v in losses
+        if v is not None and s is not None and math.isfinite(v) and math.isfinite(s)
+    ]
+    pts.sort(key=lambda p: p[0])
+    return pts
+
+
 def loss_svg(
     losses: Sequence[tuple[int, float]],
     *,
+    eval_losses: Sequence[tuple[int, float]] = (),
     width: int = 360,
     height: int = 130,
     max_points: int = MAX_CURVE_POINTS,
 ) -> str:
     """Draw a loss curve as a small standalone SVG (no matplotlib).
 
-    ``loss_svg([(10, 2.3), (20, 1.9), (30, 1.7)])`` -> ``'<svg xmlns=... <polyline ...'``
+    ``loss_svg([(10, 2.3), (20, 1.9), (30, 1.7)], eval_losses=[(30, 2.0)])`` ->
+    ``'<svg xmlns=... <polyline ...'``
 
     Parameters
     ----------
     losses : sequence of (step, loss)
-        Non-finite losses (NaN, inf) are left out.
+        The training loss. Non-finite losses (NaN, inf) are left out.
+    eval_losses : sequence of (step, loss)
+        The validation loss, drawn in another colour with a dot per evaluation; a legend names
+        both curves when it is given.
     width, height : int
         Size in pixels.
     max_points : int
@@ -653,21 +748,20 @@ def loss_svg(
     -------
     str
         ``""`` when there is nothing to draw; otherwise an ``<svg class="dreamer-loss-svg">``
-        with axes, min/max loss and first/last step labels, and one ``<polyline>``.
+        with axes, min/max loss and first/last step labels, one ``<polyline
+        class="dreamer-loss-line">`` for the training loss and, given validation losses, one
+        ``<polyline class="dreamer-eval-line">`` and a legend.
     """
-    pts = [
-        (float(s), float(v))
-        for s, v in losses
-        if v is not None and s is not None and math.isfinite(v) and math.isfinite(s)
-    ]
-    if not pts:
+    pts = _downsample(_finite_points(losses), max(2, max_points))
+    evals = _downsample(_finite_points(eval_losses), max(2, max_points))
+    both = pts + evals
+    if not both:
         return ""
-    pts.sort(key=lambda p: p[0])
-    pts = _downsample(pts, max(2, max_points))
     left, right, top, bottom = 48, 10, 8, 22
     pw, ph = width - left - right, height - top - bottom
-    x0, x1 = pts[0][0], pts[-1][0]
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x0, x1 = min(p[0] for p in both), max(p[0] for p in both)
+    y0, y1 = min(p[1] for p in both), max(p[1] for p in both)
+    first_step, last_step = int(round(x0)), int(round(x1))
     if x1 == x0:
         x0, x1 = x0 - 1, x1 + 1
     if y1 == y0:
@@ -680,15 +774,19 @@ def loss_svg(
     def sy(y: float) -> float:
         return top + (1 - (y - y0) / (y1 - y0)) * ph
 
-    coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
     axis = "stroke:currentColor;stroke-opacity:0.45;stroke-width:1"
     label = "font-size:10px;fill:currentColor;fill-opacity:0.75;font-family:sans-serif"
-    first_step, last_step = int(round(pts[0][0])), int(round(pts[-1][0]))
+    title = []
+    if pts:
+        title.append(f"training loss: {_fmt_loss(pts[-1][1])} at training step {int(round(pts[-1][0]))}")
+    if evals:
+        title.append(f"validation loss: {_fmt_loss(evals[-1][1])} at training step {int(round(evals[-1][0]))}")
+    aria = "training and validation loss curves" if evals else "training loss curve"
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="dreamer-loss-svg" width="{width}" '
         f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="training loss curve" data-points="{len(pts)}">',
-        f"<title>training loss: {_esc(_fmt_loss(pts[-1][1]))} at training step {last_step}</title>",
+        f'aria-label="{aria}" data-points="{len(pts)}" data-eval-points="{len(evals)}">',
+        f"<title>{_esc('; '.join(title))}</title>",
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" style="{axis}"/>',
         f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" style="{axis}"/>',
         f'<text x="{left - 4}" y="{top + 8}" text-anchor="end" style="{label}">'
@@ -703,12 +801,36 @@ def loss_svg(
         "step</text>",
         f'<text x="{left + pw}" y="{height - 6}" text-anchor="end" style="{label}">'
         f"{last_step}</text>",
-        f'<polyline class="dreamer-loss-line" points="{coords}" fill="none" '
-        f'style="stroke:{BLUE};stroke-width:1.5;stroke-linejoin:round"/>',
     ]
-    if len(pts) == 1:
-        x, y = pts[0]
-        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{BLUE}"/>')
+    if pts:
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(
+            f'<polyline class="dreamer-loss-line" points="{coords}" fill="none" '
+            f'style="stroke:{BLUE};stroke-width:1.5;stroke-linejoin:round"/>'
+        )
+        if len(pts) == 1:
+            x, y = pts[0]
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{BLUE}"/>')
+    if evals:
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in evals)
+        parts.append(
+            f'<polyline class="dreamer-eval-line" points="{coords}" fill="none" '
+            f'style="stroke:{ORANGE};stroke-width:1.5;stroke-dasharray:4 2;stroke-linejoin:round"/>'
+        )
+        parts.extend(
+            f'<circle class="dreamer-eval-point" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{ORANGE}"/>'
+            for x, y in evals
+        )
+        # the legend, top right: which colour is which loss
+        lx = left + pw - 118
+        parts.append(
+            f'<g class="dreamer-loss-legend" style="{label}">'
+            f'<line x1="{lx}" y1="{top + 6}" x2="{lx + 14}" y2="{top + 6}" style="stroke:{BLUE};stroke-width:2"/>'
+            f'<text x="{lx + 18}" y="{top + 9}" style="{label}">training</text>'
+            f'<line x1="{lx + 62}" y1="{top + 6}" x2="{lx + 76}" y2="{top + 6}" '
+            f'style="stroke:{ORANGE};stroke-width:2;stroke-dasharray:4 2"/>'
+            f'<text x="{lx + 80}" y="{top + 9}" style="{label}">validation</text></g>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -813,6 +935,9 @@ def _overview_state_colour(state: str) -> str:
     return {COMPLETE: GREEN, INCOMPLETE: ORANGE, RUNNING: BLUE, FAILED: RED}.get(
         _stored_state(state), _state_colour(state)
     )
+
+
+_SESSION_NOTE = "hits, misses and hit rate: this kernel session; rows and size: on disk"
 
 
 class Rendered:
@@ -920,9 +1045,10 @@ def render_overview(
                     _pct(rate),
                 )
             )
-        text_parts.append(_text_table(header, trows, right={1, 2, 3, 4, 5}))
+        text_parts.append(_text_table(header, trows, right={1, 2, 3, 4, 5}) + "\n" + _SESSION_NOTE)
         html_parts.append(
             _table(header, [[_esc(x) for x in r] for r in trows], "dreamer-caches")
+            + f'<div class="dreamer-session-note" style="{_MUTED};font-size:12px">{_esc(_SESSION_NOTE)}</div>'
         )
     html_parts.append("</div>")
     return Rendered("\n\n".join(text_parts), "".join(html_parts))

@@ -296,6 +296,41 @@ class Reason(str):
         return cls(text, "note")
 
 
+PREVIEW_LIMIT = 40  # characters of a value preview (why-lines' old → new)
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def value_preview(value: Any) -> str | None:
+    """A short text of a small value, for why-lines' ``old → new``; ``None`` when there is none.
+
+    ``value_preview(128)`` -> ``"128"``; ``value_preview(list(range(10)))`` -> ``"10 items"``; ``[1, 2]`` -> ``"[1, 2]"``;
+    ``value_preview("gpt2")`` -> ``"'gpt2'"``; an array -> ``"shape (3, 4)"``.
+
+    Numbers and short strings are written as Python writes them; containers by their length (or
+    themselves when they hold a few plain values); arrays, tensors and frames by their shape.
+    Anything else has no preview (only "changed" is said).
+    """
+    if isinstance(value, _SCALARS):
+        text = repr(value)
+        if len(text) <= PREVIEW_LIMIT:
+            return text
+        return f"{len(value)} characters" if isinstance(value, (str, bytes)) else None
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        n = len(value)
+        items = value.items() if isinstance(value, dict) else value
+        if n <= 6 and isinstance(value, (list, tuple, dict)) and all(
+            isinstance(x, _SCALARS) for pair in items for x in (pair if isinstance(value, dict) else (pair,))
+        ):
+            text = repr(value)
+            if len(text) <= PREVIEW_LIMIT:
+                return text
+        return f"{n} item{'' if n == 1 else 's'}"
+    shape = getattr(value, "shape", None)
+    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
+        return f"shape {tuple(shape)}"
+    return None
+
+
 def _pieces(
     words: str, kind: str, subject: Any, old: Any, new: Any, lines: list
 ) -> list[tuple[str, str]]:
@@ -345,12 +380,32 @@ def _rebuild(words: str, kind: str, subject: Any, old: Any, new: Any, lines: lis
 
 @dataclass
 class OutputInfo:
-    """One output written to disk: its variable name, type, how it is stored, and its size."""
+    """One output written to disk: its variable name, type, how it is stored, and its size.
+
+    ``pickled``: saved with pickle (loading it runs code: the card flags it). ``temporary``: a
+    loop variable or a ``_``-name, folded away at the end of the outputs table.
+    """
 
     name: str
     type: str
     storage: str
     size: int = 0
+    pickled: bool = False
+    temporary: bool = False
+
+
+@dataclass
+class Progress:
+    """Progress the body reports while it runs (a tqdm bar, generation batches).
+
+    ``Progress("tokenize", 40, 100, eta=12.0)`` reads ``tokenize 40/100 (40%), ETA 12 s``.
+    """
+
+    what: str
+    done: float
+    total: float | None = None
+    eta: float | None = None
+    source: str = ""  # who reports it: "tqdm" (read by the live card's clock), or the code that set it
 
 
 @dataclass
@@ -384,12 +439,17 @@ class Status:
     # generation-cache activity while the cell ran: database name -> [hits, misses]
     cache: dict[str, list[int]] = field(default_factory=dict)
     error: str | None = None
+    # the error is raised to the user right below the card (a traceback, a UsageError line):
+    # the card names it without repeating the message
+    error_shown_below: bool = False
     notes: list[str] = field(default_factory=list)
+    progress: Progress | None = None  # what the body reports while it runs (a tqdm bar)
     # trainers only
     step: int | None = None
     max_steps: int | None = None
     eta: float | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # validation loss by training step
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
     resumed_from: str | None = None
     skipped_checkpoints: list[str] = field(default_factory=list)

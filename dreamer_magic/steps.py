@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
 from . import __version__, events
-from .cell import analyze, line_changes
+from .cell import analyze, line_changes, loop_names
 from .errors import DreamerError, FingerprintError, PickleRefusedError, StorageError
 from .fingerprint import FORMAT_VERSION, LINEAGE, combine, fingerprint, normalise_source, package_version, source_of
 from .folders import OutputFolder, get_output_folder, now_iso, read_json, read_meta, tree_digest, validate_name, write_json_atomic
-from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status
+from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status, value_preview
 
 STEP_FILE = "step.json"
 REPLAY_FILE = "replay.json"
@@ -90,6 +90,8 @@ class StepSpec:
     files: list[str] = field(default_factory=list)  # --files: what the body reads that a trace cannot see
     unbound: set[str] = field(default_factory=set)  # outputs this run did not bind (kept their old value)
     gone: list[str] = field(default_factory=list)  # names deleted on some paths that this run deleted
+    first_line: int = 1  # the editor's number of the source's first line (2 under a %%dreamer_ line)
+    temporaries: list[str] = field(default_factory=list)  # loop variables: folded on the card
 
 
 def input_fingerprints(inputs: dict[str, Any]) -> dict[str, str]:
@@ -132,12 +134,58 @@ def components_of(spec: StepSpec) -> dict[str, Any]:
     }
 
 
+def input_previews(inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Short previews of the inputs, kept in step.json so that a why-line can say ``old → new``.
+
+    ``{"block_size": {"value": "128"}, "clean": {"source": "def clean(t): ...", "line": 1}}``:
+    small values by :func:`~dreamer_magic.status.value_preview`, notebook functions by their
+    source (and the editor's number of its first line). Nothing here is part of the fingerprint.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in inputs.items():
+        try:
+            if inspect.isfunction(value):
+                source = _function_source(value)
+                if not source.startswith("<function"):
+                    out[name] = {"source": source[:4000], "line": value.__code__.co_firstlineno}
+                continue
+            preview = value_preview(value)
+        except Exception:  # noqa: BLE001 - a preview is a courtesy, never a failure
+            continue
+        if preview is not None:
+            out[name] = {"value": preview}
+    return out
+
+
+def _input_reason(name: str, old: dict, new: dict) -> Reason:
+    """``input `n` changed: `3` → `4```, or a changed function with the lines that changed."""
+    if "source" in old and "source" in new:
+        changes = line_changes(old["source"], new["source"], first_line=int(new.get("line") or 1))
+        return Reason("function {subject} changed", "input", subject=name, lines=(Reason.code_line(*c) for c in changes))
+    before, after = old.get("value"), new.get("value")
+    if before is not None and after is not None and before != after:
+        return Reason.input_changed(name, before, after)
+    return Reason.input_changed(name)
+
+
 def fingerprint_of(components: dict[str, Any]) -> str:
     return combine(json.dumps(components, sort_keys=True))
 
 
-def why(meta: dict | None, components: dict[str, Any], source: str, problem: str | None = None) -> list[Reason]:
+def why(
+    meta: dict | None,
+    components: dict[str, Any],
+    source: str,
+    problem: str | None = None,
+    *,
+    first_line: int = 1,
+    previews: dict[str, dict] | None = None,
+) -> list[Reason]:
     """What changed between a stored result and now, as typed reasons (:class:`~dreamer_magic.status.Reason`).
+
+    Code lines are numbered as the editor shows them (``first_line`` is the source's first
+    line); ``previews`` (:func:`input_previews` of the inputs now) give changed inputs their
+    ``old → new``.
 
     Examples
     --------
@@ -153,14 +201,15 @@ def why(meta: dict | None, components: dict[str, Any], source: str, problem: str
     if old.get("format") != components.get("format"):
         reasons.append(Reason.format_changed())
     if old.get("source") != components.get("source"):
-        changes = line_changes(meta.get("source", ""), source)
+        changes = line_changes(meta.get("source", ""), source, first_line=first_line)
         reasons.append(Reason.code_changed(Reason.code_line(*change) for change in changes))
     old_inputs, new_inputs = old.get("inputs") or {}, components.get("inputs") or {}
+    old_previews, new_previews = meta.get("input_previews") or {}, previews or {}
     for name in new_inputs:
         if name not in old_inputs:
             reasons.append(Reason.input_added(name))
         elif old_inputs[name] != new_inputs[name]:
-            reasons.append(Reason.input_changed(name))
+            reasons.append(_input_reason(name, old_previews.get(name) or {}, new_previews.get(name) or {}))
     for name in old_inputs:
         if name not in new_inputs:
             reasons.append(Reason.input_gone(name))
@@ -405,7 +454,7 @@ class StepRun:
         elif changed and meta is not None and meta.get("fingerprint") == fp:
             status.reasons = changed
         else:
-            status.reasons = why(meta, components, spec.source, problem)
+            status.reasons = why(meta, components, spec.source, problem, first_line=spec.first_line, previews=input_previews(spec.inputs))
         if problem and meta is not None:
             status.reasons.append(Reason.problem(problem))
         status.changed()
@@ -661,6 +710,7 @@ class StepRun:
             "components": components,
             "source": self.spec.source,
             "inputs": list(self.spec.inputs),
+            "input_previews": input_previews(self.spec.inputs),
             "outputs": entries,
             "rebind": self.spec.rebind,
             "version": self.spec.version,
@@ -686,6 +736,8 @@ class StepRun:
                 type=str(entry.get("type", "?")),
                 storage=str(entry.get("storage", "?")),
                 size=int(entry.get("size") or folder_size(folder / entry.get("path", ""))),
+                pickled=bool(entry.get("pickled")) or entry.get("storage") == "pickle",
+                temporary=name.startswith("_") or name in self.spec.temporaries,
             )
             for name, entry in entries.items()
         ]
@@ -843,6 +895,8 @@ def cell_spec(
         allow_pickle=allow_pickle,
         kind=kind,
         files=list(files or []),
+        first_line=2,  # the cell's body starts under its %%dreamer_ line
+        temporaries=loop_names(source),
     )
     return spec, info
 
@@ -875,7 +929,7 @@ def explain(
         return (changes or [Reason.unchanged(meta["fingerprint"])]) + untracked
     return [
         Reason.input_undefined(r.subject) if r.kind == "input-gone" and r.subject not in namespace else r
-        for r in why(meta, components, source, problem)
+        for r in why(meta, components, source, problem, first_line=spec.first_line, previews=input_previews(spec.inputs))
     ] + untracked
 
 

@@ -58,7 +58,7 @@ from .render import (
     _state_colour,
     _trainer_html,
 )
-from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, WAITING, Status
+from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, Progress, Status
 
 __all__ = [
     "StatusView",
@@ -147,9 +147,62 @@ def _status_view_class() -> type:
             self._render_lock = threading.Lock()
             self._timer: threading.Timer | None = None
             self._last = 0.0
+            self._clock: threading.Thread | None = None
+            self._clock_stop = threading.Event()
             self.refresh_count = 0
             self.refresh()
             status.on_change(self._on_change)
+
+        # -- the clock: elapsed time and the body's progress while it runs -------------------
+
+        def start_clock(self, every: float = 1.0) -> None:
+            """Tick about every ``every`` seconds while the status runs: the elapsed time (and
+            what a tqdm bar in the body reports) keeps moving during a long step. Stopped by
+            :meth:`finish`, or by itself once the status is no longer running."""
+            if self._clock is not None:
+                return
+            self._clock_stop.clear()
+            self._clock = threading.Thread(
+                target=self._run_clock, args=(max(0.05, float(every)),), name="dreamer-status-clock", daemon=True
+            )
+            self._clock.start()
+
+        def stop_clock(self) -> None:
+            """Stop the clock thread and wait for it."""
+            self._clock_stop.set()
+            clock, self._clock = self._clock, None
+            if clock is not None and clock is not threading.current_thread():
+                clock.join(timeout=5)
+
+        @property
+        def ticking(self) -> bool:
+            """True while the clock thread runs."""
+            return self._clock is not None and self._clock.is_alive()
+
+        def _run_clock(self, every: float) -> None:
+            while not self._clock_stop.wait(every):
+                if not _running(self.status):
+                    return
+                try:
+                    self.tick()
+                except RuntimeError:  # the status was mutated mid-render; the next tick shows it
+                    continue
+
+        def tick(self) -> None:
+            """One tick: read the body's progress (tqdm bars made since the status started) and
+            redraw what moves with time: the header (elapsed), and the details if the progress
+            changed."""
+            s = self.status
+            progress = observed_progress(s) if s.step is None else None
+            if progress is None and s.progress is not None and s.progress.source != "tqdm":
+                progress = s.progress  # reported by other code (generation batches): keep it
+            moved = progress != s.progress
+            if moved:
+                s.progress = progress
+            with self._render_lock:
+                self.header.value = _header_html(s)
+            if moved:
+                self.refresh()
 
         # -- updates -------------------------------------------------------------------------
 
@@ -170,7 +223,7 @@ def _status_view_class() -> type:
                 self.refresh_count += 1
 
         def _refresh_progress(self, s: Status) -> None:
-            show = _has_progress(s) or _latest_loss(s) is not None
+            show = _has_progress(s) or _latest_loss(s) is not None or bool(s.eval_losses)
             self.progress_row.layout.display = None if show else "none"
             self.progress.layout.display = None if _has_progress(s) else "none"
             if _has_progress(s):
@@ -212,7 +265,10 @@ def _status_view_class() -> type:
                 self._on_change(self.status)
 
         def finish(self) -> None:
-            """Cancel any pending throttled refresh and show the final state now."""
+            """Stop the clock, cancel any pending throttled refresh and show the final state now."""
+            self.stop_clock()
+            if not _running(self.status):
+                self.status.progress = None  # what the body reported is over
             with self._lock:
                 if self._timer is not None:
                     self._timer.cancel()
@@ -236,23 +292,60 @@ def _status_view_class() -> type:
 # What the magics call
 
 
+#: Display metadata that marks this package's status cards (a step's recording skips them).
+CARD_METADATA = {"dreamer_magic": {"card": "status"}}
+
+
+def _running(status: Status) -> bool:
+    return status.duration is None and (
+        status.state in (RUNNING, WAITING) or status.state.startswith("resumed from")
+    )
+
+
+def static_bundle(status: Status) -> dict[str, str]:
+    """The final card as plain ``text/plain`` and ``text/html`` (no widget): what a finished
+    card's output holds, so every reader of the notebook shows it."""
+    return {"text/plain": status_text(status), "text/html": status_html(status)}
+
+
 class LiveStatus(StatusHandle):
     """A displayed :class:`StatusView`; :meth:`finish` shows the final state.
 
     ``LiveStatus(view, display_handle).finish()``
+
+    While the cell runs the output is the live widget, its clock ticking (``clock`` seconds;
+    ``None``: no clock). When it ends the output becomes the final card as static HTML and
+    text, and the widget is closed: a notebook executed headless and exported, opened where the
+    widget state is missing (JupyterLab after a restart shows "Error displaying widget: model
+    not found" for a widget), or read on GitHub shows the card as it ended.
     """
 
-    def __init__(self, view: Any, display_handle: Any = None) -> None:
+    def __init__(self, view: Any, display_handle: Any = None, *, clock: float | None = None) -> None:
         self.view = view
         self.status = view.status
         self.display_handle = display_handle
         self.finished = False
+        self._cleared = False
+        if clock is not None:
+            view.start_clock(clock)
+
+    def redisplay(self) -> None:
+        """Show the live card again (the body called ``clear_output()``, which removed it)."""
+        from IPython.display import display
+
+        if self.finished:
+            return
+        self._cleared = True
+        try:
+            self.display_handle = display(self.view, display_id=True, metadata=CARD_METADATA)
+        except Exception:  # noqa: BLE001 - a display hiccup must never fail the cell
+            pass
 
     def finish(self) -> None:
-        """Refresh the widget, then re-publish the output so its static text/HTML is final.
+        """Refresh the widget, then replace the output by the final card's static text/HTML.
 
-        The re-publish matters for notebooks executed headless or exported: their saved
-        ``text/plain``/``text/html`` would otherwise show the state the cell started in.
+        The replacement matters wherever the live widget is gone: notebooks executed headless
+        or exported, reopened without their widget state, rendered on GitHub or nbviewer.
         """
         self.view.finish()
         if self.finished:
@@ -260,9 +353,50 @@ class LiveStatus(StatusHandle):
         self.finished = True
         if self.display_handle is not None:
             try:
-                self.display_handle.update(self.view)
+                self.display_handle.update(static_bundle(self.status), raw=True, metadata=CARD_METADATA)
             except Exception:  # noqa: BLE001 - a display hiccup must never fail the cell
-                pass
+                return
+            _close(self.view)
+
+
+def _close(widget: Any) -> None:
+    """Close a widget, its children and their layouts and styles (their comms are not needed)."""
+    for child in getattr(widget, "children", ()) or ():
+        _close(child)
+    for part in (getattr(widget, "layout", None), getattr(widget, "style", None)):
+        if part is not None and hasattr(part, "close"):
+            part.close()
+    widget.close()
+
+
+def observed_progress(status: Status) -> Progress | None:
+    """What a tqdm bar made while the status runs reports: done, total and an ETA.
+
+    ``observed_progress(status)`` -> ``Progress("tokenize", 40, 100, eta=12.0)``, or ``None``
+    when no bar with a known total was made since ``status.started`` (or tqdm is not loaded).
+    The outermost such bar (the first made) is the one that says how long the cell has left.
+    """
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return None
+    try:
+        bars = [b for b in list(std.tqdm._instances) if not getattr(b, "disable", False)]
+    except (RuntimeError, AttributeError):  # the set changed meanwhile: next tick
+        return None
+    bars = [b for b in bars if getattr(b, "start_t", 0) >= status.started - 0.5 and getattr(b, "total", None)]
+    if not bars:
+        return None
+    bar = min(bars, key=lambda b: b.start_t)
+    try:
+        done, total = float(bar.n), float(bar.total)
+        elapsed = max(0.0, bar._time() - bar.start_t)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    eta = None
+    if 0 < done < total and elapsed > 0:
+        eta = (total - done) * elapsed / done
+    what = str(getattr(bar, "desc", "") or "").rstrip(": ")
+    return Progress(what, done, total, eta, source="tqdm")
 
 
 def widgets_supported() -> bool:
@@ -287,7 +421,7 @@ def widgets_supported() -> bool:
 
 
 def display_status(
-    status: Status, *, live: bool | None = None, interval: float = 0.2
+    status: Status, *, live: bool | None = None, interval: float = 0.2, clock: float | None = 1.0
 ) -> StatusHandle:
     """Show a status for a cell that is about to run; call ``.finish()`` when it ends.
 
@@ -303,6 +437,9 @@ def display_status(
         terminal IPython or a plain ``InteractiveShell``.
     interval : float
         Throttle for the live view (seconds between refreshes).
+    clock : float or None
+        The live view's elapsed time ticks every ``clock`` seconds while the status runs
+        (``None``: only on changes).
 
     Returns
     -------
@@ -317,5 +454,5 @@ def display_status(
     from IPython.display import display
 
     view = _status_view_class()(status, interval=interval)
-    handle = display(view, display_id=True)
-    return LiveStatus(view, handle)
+    handle = display(view, display_id=True, metadata=CARD_METADATA)
+    return LiveStatus(view, handle, clock=clock)

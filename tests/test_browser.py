@@ -59,7 +59,9 @@ DONE_JS = """() => {
   return prompts.length > 0 && prompts.every(p => /^\\[\\d+\\]:$/.test(p)) ? 'done' : false;
 }"""
 
-STATES_JS = """() => [...document.querySelectorAll('.dreamer-status .widget-html-content .dreamer-state')]
+# A card is a live widget while its cell runs and static HTML once it finished (so that a saved
+# notebook shows it without widget state): the state badge is found the same way in both.
+STATES_JS = """() => [...document.querySelectorAll('.dreamer-status .dreamer-state')]
   .map(e => e.dataset.state)"""
 
 
@@ -262,8 +264,10 @@ def test_notebook_in_jupyterlab_shows_status_widgets(lab, browser_page):
     assert set(first) <= {"ran"} | HIT_STATES, first
     if "%%dreamer_train" in (root / NOTEBOOK).read_text():
         # a trainer card draws its loss curve (an inline SVG) and lists its checkpoints
-        assert page.locator(".dreamer-status .widget-html-content .dreamer-loss-svg").count() >= 1
-        assert page.locator(".dreamer-status .widget-html-content .dreamer-checkpoint").count() >= 1
+        assert page.locator(".dreamer-status .dreamer-loss-svg").count() >= 1
+        assert page.locator(".dreamer-status .dreamer-checkpoint").count() >= 1
+    # no card is left as a widget that a reopened notebook could not draw
+    assert page.locator(".jp-OutputArea-output", has_text="Error displaying widget").count() == 0
     screenshot(page, "browser-first-run.png")
     # for the README: the trainer's card (progress, loss curve, checkpoints), else the first card
     best = page.evaluate(
@@ -287,3 +291,50 @@ def test_notebook_in_jupyterlab_shows_status_widgets(lab, browser_page):
     if not SCREENSHOT.exists() or os.environ.get("DREAMER_UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, SCREENSHOT)
+
+
+@pytest.mark.timeout(400)
+def test_exported_html_of_a_headless_run_shows_the_cards(tmp_path, browser_page):
+    """``jupyter nbconvert --execute --to html`` (nbclient, then the HTMLExporter), opened from
+    disk in Chromium with no network: every card shows its final state, none is blank."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+
+    work = tmp_path / "run"
+    work.mkdir()
+    shutil.copy(REPO / "notebooks" / NOTEBOOK, work / NOTEBOOK)
+    nb = nbformat.read(work / NOTEBOOK, as_version=4)
+    old = os.environ.get("DREAMER_OUTPUT")
+    os.environ["DREAMER_OUTPUT"] = str(tmp_path / "output")
+    try:
+        NotebookClient(nb, kernel_name="python3", timeout=240, startup_timeout=120,
+                       resources={"metadata": {"path": str(work)}}).execute()
+    finally:
+        if old is None:
+            os.environ.pop("DREAMER_OUTPUT", None)
+        else:
+            os.environ["DREAMER_OUTPUT"] = old
+    html, _ = HTMLExporter().from_notebook_node(nb)
+    page_path = tmp_path / "quickstart.html"
+    page_path.write_text(html, encoding="utf-8")
+
+    page = browser_page
+    page.goto(page_path.as_uri())
+    page.wait_for_selector(".dreamer-status .dreamer-state")
+    expected = dreamer_cell_count(work / NOTEBOOK)
+    states = page.evaluate(STATES_JS)
+    assert len(states) == expected and set(states) <= {"ran"} | HIT_STATES, states
+    visible = page.locator(".dreamer-status").evaluate_all("els => els.map(e => e.getBoundingClientRect().height)")
+    assert len(visible) == expected and all(h > 20 for h in visible), visible  # drawn, not a blank space
+    if "%%dreamer_train" in (work / NOTEBOOK).read_text():
+        assert page.locator(".dreamer-status .dreamer-loss-svg").count() >= 1
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    best = page.evaluate(
+        """() => [...document.querySelectorAll('.dreamer-status')].findIndex(e => e.dataset.kind === 'trainer')"""
+    )
+    card = page.locator(".dreamer-status").nth(max(best, 0))
+    card.scroll_into_view_if_needed()
+    card.evaluate("e => e.closest('.jp-Cell').scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(200)
+    page.screenshot(path=str(ARTIFACTS / "exported-html.png"))

@@ -59,3 +59,33 @@ def test_kernel_from_the_spec_has_the_magics_loaded(tmp_path):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_kernelspec_has_a_logo(size):
+    """JupyterLab's launcher shows logo-64x64.png / logo-32x32.png from the kernelspec folder
+    (shipped with the whole folder by the wheel's shared-data)."""
+    import struct
+    import zlib
+
+    path = REPO / "jupyter-config/kernels" / NAME / f"logo-{size}x{size}.png"
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, i = {}, 8
+    while i < len(data):
+        (length,) = struct.unpack(">I", data[i : i + 4])
+        kind, body = data[i + 4 : i + 8], data[i + 8 : i + 8 + length]
+        assert struct.unpack(">I", data[i + 8 + length : i + 12 + length])[0] == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks[kind] = chunks.get(kind, b"") + body
+        i += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (width, height, depth, colour) == (size, size, 8, 6)  # RGBA
+    pixels = zlib.decompress(chunks[b"IDAT"])
+    assert len(pixels) == size * (1 + 4 * size)
+    alphas = {pixels[r * (1 + 4 * size) + 1 + 4 * c + 3] for r in range(size) for c in range(size)}
+    assert 0 in alphas and 255 in alphas  # a shape on a transparent ground, not a blank square
+
+
+def test_kernelspec_folder_ships_whole():
+    text = (REPO / "pyproject.toml").read_text()
+    assert '"jupyter-config/kernels/python3-dreamer_magic" = "share/jupyter/kernels/python3-dreamer_magic"' in text

@@ -343,3 +343,90 @@ def test_a_widget_view_imports_ipywidgets_on_first_use(tmp_path):
         tmp_path,
     )
     assert out.split() == ["False", "True", "StatusView", "True"]
+
+
+# -- facts a person can act on: editor line numbers, old → new, a changed function's diff ---------
+
+
+def test_line_changes_use_the_editors_line_numbers():
+    from dreamer_magic.cell import line_changes
+
+    old = "a = 1\nb = 2\n"
+    new = "# load\na = 1\n\nb = 3\n"
+    assert line_changes(old, new) == [("line 4", "b = 2", "b = 3")]
+    assert line_changes(old, new, first_line=2) == [("line 5", "b = 2", "b = 3")]  # under %%dreamer_step
+    assert line_changes("a = 1", "a = 1\n# c\nc = 2\nd = 3", first_line=2) == [("lines 4-5", None, "c = 2 / d = 3")]
+
+
+def test_value_preview_is_short_and_says_sizes():
+    import numpy as np
+
+    from dreamer_magic.status import value_preview
+
+    assert value_preview(128) == "128" and value_preview(0.5) == "0.5" and value_preview(None) == "None"
+    assert value_preview("gpt2") == "'gpt2'" and value_preview("x" * 500) == "500 characters"
+    assert value_preview(list(range(10))) == "10 items" and value_preview([1, 2]) == "[1, 2]"
+    assert value_preview({"lr": 0.1}) == "{'lr': 0.1}" and value_preview({1, 2, 3}) == "3 items"
+    assert value_preview(np.zeros((3, 4))) == "shape (3, 4)"
+    assert value_preview(object()) is None and value_preview(10**60) is None
+
+
+def test_why_lines_in_a_real_shell_say_old_and_new_and_the_editors_line(ip):
+    ip.run_cell("block_size = 128\nrows = list(range(10))\ndef clean(t):\n    return t.strip()\n")
+    cell = "# settings above\nn = block_size * 2\ntexts = [clean(' a ')] * len(rows)\n"
+    ip.run_cell_magic("dreamer_step", "prepare", cell)
+    ip.run_cell("block_size = 64\nrows = list(range(8))\ndef clean(t):\n    return t.strip().lower()\n")
+    ip.run_cell_magic("dreamer_step", "prepare", cell.replace("* 2", "* 3"))
+    status = ip._dreamer_magics.frontend.last_status
+    reasons = {(r.kind, r.subject): r for r in status.reasons}
+    code = reasons[("code", None)]
+    # the %%dreamer_step line is line 1, the comment line 2: the changed line is line 3
+    assert str(code) == "code changed: line 3: `n = block_size * 2` → `n = block_size * 3`"
+    assert (reasons[("input", "block_size")].old, reasons[("input", "block_size")].new) == ("128", "64")
+    assert str(reasons[("input", "rows")]) == "input `rows` changed: `10 items` → `8 items`"
+    fn = reasons[("input", "clean")]
+    assert str(fn) == "function `clean` changed: line 4: `return t.strip()` → `return t.strip().lower()`"
+    html = render.reason_html(fn)
+    assert '<code class="dreamer-reason-new"' in html and "lower()" in html
+
+
+def test_terminal_status_line_comes_before_the_replayed_output(ip, capsys):
+    cell = "print('counted', 3)\nn = 3\n"
+    ip.run_cell_magic("dreamer_step", "count", cell)
+    capsys.readouterr()
+    ip.run_cell_magic("dreamer_step", "count", cell)
+    out = capsys.readouterr().out
+    assert out.index("[dreamer] step count: loaded from disk") < out.index("counted 3"), out
+    assert out.count("counted 3") == 1
+
+
+def test_terminal_rich_displays_replay_once(ip, capsys):
+    cell = "from IPython.display import HTML, display\ndisplay(HTML('<b>x</b>'))\nh = 1\n"
+    ip.run_cell_magic("dreamer_step", "show", cell)
+    capsys.readouterr()
+    ip.run_cell_magic("dreamer_step", "show", cell)
+    assert capsys.readouterr().out.count("<IPython.core.display.HTML object>") == 1
+
+
+def test_an_error_in_a_body_is_named_once(ip, capsys):
+    ip.run_cell("%%dreamer_step boom\nx = 1 / 0\n")
+    captured = capsys.readouterr()
+    status = ip._dreamer_magics.frontend.last_status
+    assert status.error == "ZeroDivisionError: division by zero"  # tools still read all of it
+    assert "error: ZeroDivisionError (shown below)" in captured.out
+    assert captured.out.count("division by zero") + captured.err.count("division by zero") == 1
+
+
+def test_dreamer_status_names_the_folder_and_the_sessions_counts(ip, tmp_path):
+    ip.run_cell_magic("dreamer_step", "one", "a = 1\n")
+    r = ip.run_line_magic("dreamer", "status")
+    assert r.text.splitlines()[0] == "dreamer output folder output"  # the cwd is tmp_path
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"  # outside the working directory
+    ip.run_line_magic("dreamer", f"output {elsewhere}")
+    assert ip.run_line_magic("dreamer", "status").text.splitlines()[0] == f"dreamer output folder {elsewhere}"
+
+
+def test_outputs_of_a_cell_fold_loop_variables_and_underscore_names(ip):
+    ip.run_cell_magic("dreamer_step", "loop", "total = 0\nfor i in range(3):\n    total += i\n_scratch = 'x'\n")
+    outputs = {o.name: o for o in ip._dreamer_magics.frontend.last_status.outputs}
+    assert outputs["i"].temporary and outputs["_scratch"].temporary and not outputs["total"].temporary

@@ -483,3 +483,189 @@ def test_render_why():
     assert items == ["input raw changed", "code changed: lines 2-3"]
     assert root.find(".//li/code").text == "raw"
     assert "nothing changed" in render_why("x", []).text
+
+
+# -- the live card's clock, the body's progress, the final static card ---------------------------
+
+
+def wait_for(predicate, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_clock_moves_the_elapsed_time_while_running_and_stops_on_finish():
+    s = a_step()  # started a second ago, running
+    view = StatusView(s, interval=60)
+    assert "for 1.0 s" in view.header.value
+    s.started -= 125  # as if two minutes passed with no change from the core
+    view.tick()
+    assert "for 2 min 6 s" in view.header.value
+    view.start_clock(every=0.02)
+    assert view.ticking
+    s.started -= 3600
+    assert wait_for(lambda: "for 1 h 2 min" in view.header.value), view.header.value
+    s.state, s.duration = RAN, 3.4
+    view.finish()
+    assert not view.ticking and "in 3.4 s" in view.header.value
+
+
+def test_clock_stops_by_itself_once_the_status_is_no_longer_running():
+    s = a_step()
+    view = StatusView(s, interval=0)
+    view.start_clock(every=0.02)
+    s.state, s.duration = LOADED, 0.01
+    assert wait_for(lambda: not view.ticking)
+    view.finish()
+
+
+def test_tick_reads_a_tqdm_bar_made_in_the_body_and_shows_an_eta():
+    import io
+
+    from tqdm import tqdm
+
+    s = a_step(started=time.time() - 30)
+    view = StatusView(s, interval=0)
+    old = tqdm(total=10, file=io.StringIO(), desc="made before the cell")
+    old.start_t = s.started - 100  # a bar of an earlier cell does not count
+    bar = tqdm(total=100, file=io.StringIO(), desc="tokenize", mininterval=0)
+    try:
+        bar.start_t -= 10  # ten seconds in
+        bar.update(40)
+        view.tick()
+        assert s.progress is not None and (s.progress.what, s.progress.done, s.progress.total) == ("tokenize", 40, 100)
+        assert s.progress.eta == pytest.approx(15, rel=0.2)  # 60 left at 4 per second
+        assert "tokenize 40/100 (40%), ETA 1" in view.details.value
+        assert "progress: tokenize 40/100 (40%)" in status_text(s)
+    finally:
+        bar.close()
+        old.close()
+    view.tick()
+    assert s.progress is None and "tokenize" not in view.details.value
+    s.state, s.duration = RAN, 12.0
+    view.finish()
+    assert "progress" not in status_text(s)
+
+
+def test_a_finished_live_card_becomes_static_html_and_text(ip, monkeypatch):
+    pub = CapturingDisplayPublisher()
+    monkeypatch.setattr(ip, "display_pub", pub)
+    s = a_step()
+    handle = display_status(s, live=True, interval=60)
+    first = pub.outputs[0]
+    assert WIDGET_MIME in first["data"] and first["metadata"] == widgets.CARD_METADATA
+    assert handle.view.ticking  # the clock runs while the cell does
+    s.state, s.duration = RAN, 1.5
+    handle.finish()
+    last = pub.outputs[-1]
+    assert last["update"] is True and last["transient"]["display_id"] == first["transient"]["display_id"]
+    assert set(last["data"]) == {"text/plain", "text/html"}, "no widget: every reader shows the final card"
+    assert last["data"] == widgets.static_bundle(s)
+    assert last["metadata"] == widgets.CARD_METADATA
+    assert not handle.view.ticking
+    assert handle.view.comm is None and handle.view.header.comm is None  # closed: its job is done
+
+
+def test_a_card_removed_by_clear_output_is_shown_again(ip, monkeypatch):
+    pub = CapturingDisplayPublisher()
+    monkeypatch.setattr(ip, "display_pub", pub)
+    s = a_step()
+    handle = display_status(s, live=True, interval=60, clock=None)
+    handle.redisplay()
+    assert len(pub.outputs) == 2 and WIDGET_MIME in pub.outputs[1]["data"]
+    s.state, s.duration = RAN, 1.0
+    handle.finish()
+    assert pub.outputs[-1]["transient"]["display_id"] == pub.outputs[1]["transient"]["display_id"]
+
+
+# -- validation loss, outputs, errors ----------------------------------------------------------
+
+
+def test_loss_svg_draws_validation_loss_in_another_colour_with_a_legend():
+    svg = loss_svg([(10, 2.0), (20, 1.5), (30, 1.2)], eval_losses=[(15, 2.2), (30, 1.6)])
+    root = ET.fromstring(svg)
+    lines = {p.get("class"): p for p in root.iter(f"{SVG_NS}polyline")}
+    assert set(lines) == {"dreamer-loss-line", "dreamer-eval-line"}
+    assert widgets.BLUE in lines["dreamer-loss-line"].get("style")
+    assert widgets.ORANGE in lines["dreamer-eval-line"].get("style")
+    assert len(lines["dreamer-eval-line"].get("points").split()) == 2
+    legend = "".join(t.text or "" for t in root.iter(f"{SVG_NS}text"))
+    assert "training" in legend and "validation" in legend
+    assert root.get("data-eval-points") == "2"
+    # the scale covers both curves: the highest label is the validation loss 2.2
+    assert "2.2" in legend
+    only_eval = ET.fromstring(loss_svg([], eval_losses=[(5, 1.0), (10, 0.8)]))
+    assert [p.get("class") for p in only_eval.iter(f"{SVG_NS}polyline")] == ["dreamer-eval-line"]
+    # without validation losses: one line, no legend (as before)
+    plain = ET.fromstring(loss_svg([(1, 1.0), (2, 0.5)]))
+    assert not any("validation" in (t.text or "") for t in plain.iter(f"{SVG_NS}text"))
+
+
+def test_trainer_card_shows_validation_loss():
+    s = a_trainer(n_losses=5, eval_losses=[(20, 1.9), (40, 1.4)], state=RAN, duration=9.0)
+    text = status_text(s)
+    assert "validation loss 1.4 at step 40" in text
+    html = status_html(s)
+    assert 'class="dreamer-eval-loss"' in html and "dreamer-eval-line" in html
+    parse(html)
+    view = StatusView(s, interval=0)
+    assert "validation loss" in view.progress_label.value and "dreamer-eval-line" in view.details.value
+
+
+def test_outputs_lead_with_what_matters_fold_temporaries_and_flag_pickles():
+    s = a_step(
+        state=RAN, duration=1.0,
+        outputs=[
+            OutputInfo("i", "int", "json", 1, temporary=True),
+            OutputInfo("n_rows", "int", "json", 4),
+            OutputInfo("_tmp", "str", "json", 12, temporary=True),
+            OutputInfo("reviews", "datasets.Dataset", "dataset", 9_000_000),
+            OutputInfo("model_cfg", "Config", "pickle", 300, pickled=True),
+        ],
+    )
+    text = status_text(s)
+    head = text.splitlines()[0]
+    assert head.index("reviews") < head.index("model_cfg") < head.index("n_rows")
+    assert " i (" not in head and "_tmp" not in head
+    assert "  temporaries: i, _tmp (13 B)" in text
+    assert "  pickled: model_cfg (loading a pickle runs code" in text
+    html = status_html(s)
+    root = parse(html)
+    main = root.find(".//table[@class='dreamer-outputs']")
+    assert [e.get("data-name") for e in main.iter("span") if e.get("class") == "dreamer-output"] == [
+        "reviews", "model_cfg", "n_rows",
+    ]
+    folded = root.find(".//details[@class='dreamer-temporaries']")
+    assert folded is not None and "2 temporaries" in "".join(folded.find("summary").itertext())
+    pickled = [e for e in root.iter("span") if e.get("class") == "dreamer-pickled"]
+    assert len(pickled) == 1 and "trust" in pickled[0].get("title")
+
+
+def test_an_error_raised_below_the_card_is_named_once():
+    s = a_step(state=FAILED, duration=0.2, error="ZeroDivisionError: division by zero")
+    assert "error: ZeroDivisionError: division by zero" in status_text(s)  # nothing below: all of it
+    s.error_shown_below = True
+    text = status_text(s)
+    assert "division by zero" not in text and "error: ZeroDivisionError (shown below)" in text
+    assert "division by zero" not in status_html(s)
+
+
+def test_overview_names_the_folder_and_says_which_counts_are_this_sessions():
+    caches = [{"name": "llm", "rows": 10, "size": 4096, "hits": 3, "misses": 1}]
+    r = render_overview([], caches, folder="/data/output")
+    assert r.text.splitlines()[0] == "dreamer output folder /data/output"
+    assert "hits, misses and hit rate: this kernel session" in r.text
+    assert "this kernel session" in r.html and "/data/output" in r.html
+
+
+def test_progress_reported_by_other_code_is_kept_by_the_clock():
+    from dreamer_magic.status import Progress
+
+    s = a_step()
+    view = StatusView(s, interval=0)
+    s.progress = Progress("generate", 3, 10, eta=7.0, source="generation")
+    s.changed()
+    view.tick()  # no tqdm bar: the generation batches' progress stays
+    assert s.progress.what == "generate" and "generate 3/10 (30%), ETA 7.0 s" in view.details.value
+    view.finish()
