@@ -378,7 +378,9 @@ class Hasher:
     def module_object(self, module: types.ModuleType) -> None:
         """A library module by distribution and version; a user module by its code: its
         functions, classes and plain constants (what a cell reaching ``helpers.clean`` runs)."""
-        name = module.__name__
+        name = getattr(module, "__name__", None)
+        if not isinstance(name, str):
+            raise FingerprintError(f"a module object without a name ({_qualname(type(module))}) cannot be fingerprinted")
         if not is_user_module(name):
             self.tag("module")
             self.str_(name)
@@ -425,19 +427,23 @@ class Hasher:
             self.str_(fn.__name__)
             self.value(bound_to)
             return
-        if not isinstance(fn, types.FunctionType) or not _is_user_code(fn):
+        if not isinstance(fn, types.FunctionType) or not _is_user_function(fn):
             self._library_callable(fn)
             return
         self._user_object(fn, "function", lambda h: h._user_function(fn))
 
     def _library_callable(self, fn: Any) -> None:
         module, name = _library_name(fn)
+        if isinstance(fn, types.FunctionType):  # a library decorator's wrapper says the user's module
+            module = _module_of_file(fn.__code__.co_filename) or module
         self.tag("library-callable")
         self.str_(module)
         self.str_(name)
         self.value(distribution_version(module) if module else None)
-        if isinstance(fn, types.FunctionType) and "<locals>" in name:  # made at run time: what it closes over
-            self._function_data(fn)
+        if isinstance(fn, types.FunctionType) and (fn.__closure__ or "<locals>" in name):
+            # made at run time (a decorator's wrapper, a factory's function): what it closes over
+            self.str_(fn.__code__.co_name)
+            self._code_value(f"function {name}()", "closure", (fn.__defaults__, fn.__kwdefaults__, _closure(fn)), owner=module)
 
     def _user_function(self, fn: types.FunctionType) -> None:
         self.tag("function")
@@ -462,13 +468,7 @@ class Hasher:
         self.value(fn.__defaults__)
         self.value(fn.__kwdefaults__)
         if fn.__closure__:
-            cells = []
-            for cell in fn.__closure__:
-                try:
-                    cells.append(cell.cell_contents)
-                except ValueError:  # empty cell
-                    cells.append(None)
-            self.value(tuple(cells))
+            self.value(_closure(fn))
 
     def _code_value(self, where: str, name: str, value: Any, verb: str = "has", *, owner: str | None = None) -> None:
         """Feed a value user code reaches; a failure names where it was reached.
@@ -728,6 +728,17 @@ def model_fingerprint(model: Any, *, mode: bool = True) -> str:
     parameter or buffer changes (checked cheaply: version counters plus a sample of every
     tensor); the rest is read afresh each call.
     """
+    active = _models_in_progress()
+    if id(model) in active:  # a model reached again from its own attributes (a closure over it)
+        return fingerprint(("recursive-model", class_id(type(model)), len(active) - active.index(id(model))))
+    active.append(id(model))
+    try:
+        return _model_fingerprint(model, mode)
+    finally:
+        active.pop()
+
+
+def _model_fingerprint(model: Any, mode: bool) -> str:
     data: dict[str, Any] = {"class": class_id(type(model)), "config": config_data(getattr(model, "config", None))}
     generation = getattr(model, "generation_config", None)
     if generation is not None:
@@ -750,6 +761,20 @@ def model_fingerprint(model: Any, *, mode: bool = True) -> str:
     return fingerprint(data)
 
 
+def _models_in_progress() -> list[int]:
+    """Ids of the models this thread is fingerprinting now."""
+    if not _MODELS_IN_PROGRESS:
+        import threading
+
+        _MODELS_IN_PROGRESS.append(threading.local())
+    local = _MODELS_IN_PROGRESS[0]
+    if not hasattr(local, "ids"):
+        local.ids = []
+    return local.ids
+
+
+_MODELS_IN_PROGRESS: list[Any] = []
+
 # Attributes of modules that say where a model came from or how it is being trained, not what it computes.
 VOLATILE_MODULE_ATTRIBUTES = {"name_or_path", "warnings_issued", "gradient_checkpointing", "hf_device_map", "model_parallel", "is_parallelizable"}
 
@@ -764,15 +789,22 @@ def module_structure(model: Any, *, mode: bool = True) -> list:
 
     Plain attributes are numbers, strings, tuples and such, enum members, dtypes, devices,
     callables (an activation stored as a function) and tensors that are neither parameters
-    nor buffers; private names (``_parameters``, hooks) and :data:`VOLATILE_MODULE_ATTRIBUTES`
-    do not count, nor does ``training`` when ``mode=False``.
+    nor buffers; private names (``_parameters``, hooks), methods patched on the instance (a
+    wrapped ``generate`` or ``forward``) and :data:`VOLATILE_MODULE_ATTRIBUTES` do not count,
+    nor does ``training`` when ``mode=False``.
     """
+    import torch
+
     out = []
     for name, sub in model.named_modules():
         attrs: dict[str, Any] = {}
         for key, value in vars(sub).items():
             if key.startswith("_") or key in VOLATILE_MODULE_ATTRIBUTES or (key == "training" and not mode):
                 continue
+            if hasattr(type(sub), key):  # a method patched on the instance: instrumentation, device hooks
+                continue
+            if isinstance(value, types.MethodType) and isinstance(value.__self__, torch.nn.Module):
+                value = value.__func__  # a module's method stored under another name: its code
             if _is_hyperparameter(value):
                 attrs[key] = value
         out.append([name, class_id(type(sub)), attrs])
@@ -1226,6 +1258,8 @@ def _notebook_source(code: types.CodeType) -> str | None:
     an mtime (a file on disk has one, and may have changed since it was loaded)."""
     import linecache
 
+    if code.co_name == "<lambda>":  # its source is the whole line, which may hold other lambdas
+        return None
     entry = linecache.cache.get(code.co_filename)
     if entry is None or len(entry) != 4 or entry[1] is not None:
         return None
@@ -1280,17 +1314,29 @@ def _sub_hasher(parent: Hasher) -> Hasher:
 
 
 def _is_dataclass_generated(cls: type, name: str, attr: Any) -> bool:
-    """Methods ``@dataclass`` writes from the fields (hashed through the fields instead)."""
-    return (
-        name in _DATACLASS_METHODS
-        and isinstance(attr, types.FunctionType)
-        and attr.__code__.co_filename == "<string>"
-        and dataclasses.is_dataclass(cls)
-    )
+    """What ``@dataclass`` writes from the fields and parameters (hashed instead): its methods,
+    made by ``exec`` (``<string>``) or taken from the dataclasses module (3.13's ``__replace__``),
+    and the docstring it makes from the signature."""
+    if not dataclasses.is_dataclass(cls):
+        return False
+    if name == "__doc__":
+        return isinstance(attr, str) and attr.startswith(f"{cls.__name__}(")
+    if name not in _DATACLASS_METHODS or not isinstance(attr, types.FunctionType):
+        return False
+    if attr.__code__.co_filename == dataclasses.__file__:
+        return True
+    made = getattr(attr, "__wrapped__", attr)  # __repr__ comes wrapped in a recursion guard
+    code = getattr(made, "__code__", None)
+    if code is None or code.co_filename != "<string>":
+        return False
+    return getattr(code, "co_qualname", "__create_fn__").startswith("__create_fn__")  # 3.10: no co_qualname
 
 
 _DATACLASS_METHODS = frozenset(
-    {"__init__", "__repr__", "__eq__", "__hash__", "__lt__", "__le__", "__gt__", "__ge__", "__setattr__", "__delattr__", "__replace__"}
+    {
+        "__init__", "__repr__", "__eq__", "__hash__", "__lt__", "__le__", "__gt__", "__ge__", "__setattr__",
+        "__delattr__", "__replace__", "__getstate__", "__setstate__",
+    }
 )
 # What Python writes into a class's ``__dict__`` itself, or derives from what is hashed anyway.
 _GENERATED_CLASS_ATTRIBUTES = frozenset(
@@ -1342,6 +1388,45 @@ def _is_callable_code(value: Any) -> bool:
         value,
         (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial, functools._lru_cache_wrapper),
     ) or (type(value).__name__ == "ufunc" and type(value).__module__ == "numpy")
+
+
+def _closure(fn: types.FunctionType) -> tuple:
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(cell.cell_contents)
+        except ValueError:  # empty cell
+            cells.append(None)
+    return tuple(cells)
+
+
+def _is_user_function(fn: types.FunctionType) -> bool:
+    """User code by the module whose file holds the function's code: a library decorator's
+    wrapper copies the user function's ``__module__`` (``functools.wraps``) but runs the
+    library's code, and a user decorator's wrapper around a library function runs the user's.
+    Code with no module file (a cell, ``exec``) goes by ``__module__``."""
+    code_module = _module_of_file(fn.__code__.co_filename)
+    return _is_user_code(fn) if code_module is None else is_user_module(code_module)
+
+
+def _module_of_file(filename: str) -> str | None:
+    """The imported module whose file is ``filename``; ``None`` for a cell or ``exec``'d code."""
+    if filename.startswith("<"):
+        return None
+    if _FILE_MODULES.get("") != len(sys.modules):  # modules came or went: look again
+        _FILE_MODULES.clear()
+        _FILE_MODULES[""] = len(sys.modules)
+    if filename not in _FILE_MODULES:
+        _FILE_MODULES[filename] = None
+        for name, module in list(sys.modules.items()):
+            if getattr(module, "__file__", None) == filename:
+                _FILE_MODULES[filename] = name
+                break
+    known = _FILE_MODULES[filename]
+    return known if known is None or getattr(sys.modules.get(known), "__file__", None) == filename else None
+
+
+_FILE_MODULES: dict[str, Any] = {}  # file -> module name, and "" -> len(sys.modules) when filled
 
 
 def _library_name(obj: Any) -> tuple[str, str]:
