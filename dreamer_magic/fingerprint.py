@@ -98,11 +98,11 @@ def package_version(module_name: str) -> str | None:
     See :func:`distribution_version` for the distribution's name as well. A library module
     that no distribution metadata describes falls back to its ``__version__``.
     """
+    if is_user_module(module_name):  # even one that shares its name with an installed distribution
+        return None
     found = distribution_version(module_name)
     if found is not None:
         return found[1]
-    if is_user_module(module_name):
-        return None
     version = getattr(sys.modules.get(module_name.split(".")[0]), "__version__", None)
     return version if isinstance(version, str) else None
 
@@ -1063,8 +1063,9 @@ def _is_user_path(top: str, path: str) -> bool:
     candidates = _metadata().distributions_of(top)
     if "site-packages" in parts or "dist-packages" in parts:
         # installed there: a library, unless the distribution that owns it is an editable install
-        owners = [d for d in candidates if path in _metadata().files_of(d)] or candidates
-        return bool(owners) and all(_metadata().editable(d) for d in owners)
+        if len(candidates) > 1:  # a namespace package several distributions share: the file's owner
+            candidates = [d for d in candidates if path in _metadata().files_of(d)] or candidates
+        return bool(candidates) and all(_metadata().editable(d) for d in candidates)
     if any(path.startswith(folder) for folder in _stdlib_folders()):
         return False
     # anywhere else: user code, unless a non-editable distribution installed this very file
@@ -1105,7 +1106,7 @@ class _Metadata:
         return sorted(set(self.top_level.get(top, ())))
 
     def files_of(self, name: str) -> frozenset[str]:
-        """The real paths a distribution's RECORD lists."""
+        """The paths a distribution's RECORD lists (under the real path of where it is installed)."""
         files = self._files.get(name)
         if files is None:
             import importlib.metadata
@@ -1113,7 +1114,8 @@ class _Metadata:
 
             try:
                 dist = importlib.metadata.distribution(name)
-                files = frozenset(os.path.realpath(dist.locate_file(f)) for f in dist.files or ())
+                base = os.path.realpath(dist.locate_file(""))
+                files = frozenset(os.path.normpath(os.path.join(base, str(f))) for f in dist.files or ())
             except Exception:
                 files = frozenset()
             self._files[name] = files
@@ -1387,7 +1389,25 @@ def _is_callable_code(value: Any) -> bool:
     return isinstance(
         value,
         (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial, functools._lru_cache_wrapper),
-    ) or (type(value).__name__ == "ufunc" and type(value).__module__ == "numpy")
+    ) or _is_named_library_callable(value)
+
+
+def _is_named_library_callable(value: Any) -> bool:
+    """A library's callable object that its import path names (a numpy ufunc, ``np.sum``'s
+    dispatcher, a Cython function): it counts by that name and the library's version."""
+    try:
+        if isinstance(value, type) or not callable(value):
+            return False
+        module = getattr(value, "__module__", None)
+        name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None)
+        if not isinstance(module, str) or not isinstance(name, str) or is_user_module(module):
+            return False
+        target: Any = sys.modules.get(module)
+        for part in name.split("."):
+            target = getattr(target, part, None)
+        return target is value
+    except Exception:  # a property that raises, an odd proxy: not a named callable
+        return False
 
 
 def _closure(fn: types.FunctionType) -> tuple:

@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import DreamerError, StorageError
-from .fingerprint import fingerprint, json_safe
+from .fingerprint import fingerprint, json_safe, model_fingerprint
 from .folders import OutputFolder, folder_size, fsync_tree as _fsync_tree, now_iso, read_json as _read_json, read_meta, write_json_atomic
 from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, CheckpointInfo, Status, resumed_from
 from . import steps
@@ -417,7 +417,7 @@ def stable_value(value: Any) -> Any:
         or (getattr(value, "backend_tokenizer", None) is not None and _is_pretrained(value))
         or (torch is not None and isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)))
     ):
-        return _Key(fingerprint(value))
+        return _Key(model_fingerprint(value, mode=False) if _is_module(value) else fingerprint(value))  # training sets the mode itself
     return value
 
 

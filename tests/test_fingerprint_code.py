@@ -527,12 +527,14 @@ def test_lru_cache_functions_by_wrapped_code_and_parameters(shell):
 def test_library_callables_by_qualified_name_in_any_process(files):
     np = pytest.importorskip("numpy")
     torch = pytest.importorskip("torch")
-    here = [fingerprint(v) for v in (np.add, np.multiply, torch.nn.functional.relu, torch.relu, len, sum)]
+    callables = (np.add, np.multiply, np.sum, np.mean, torch.nn.functional.relu, torch.relu, len, sum)
+    here = [fingerprint(v) for v in callables]
     assert len(set(here)) == len(here)
     script = """
         import numpy as np, torch
         from dreamer_magic.fingerprint import fingerprint
-        print(" ".join(fingerprint(v) for v in (np.add, np.multiply, torch.nn.functional.relu, torch.relu, len, sum)))
+        callables = (np.add, np.multiply, np.sum, np.mean, torch.nn.functional.relu, torch.relu, len, sum)
+        print(" ".join(fingerprint(v) for v in callables))
     """
     assert files.run(script).split() == here, "never by repr or id"
 
@@ -558,3 +560,35 @@ def test_a_model_reached_from_its_own_attributes_and_patched_methods():
     assert fingerprint(model) == fingerprint(model), "no endless recursion"
     del model.forward, model.helper, model.hook
     assert fingerprint(model) == first
+
+
+def test_decorated_functions_count_by_the_code_that_runs(shell, files):
+    pytest.importorskip("torch")
+    source = "import torch\n@torch.no_grad()\ndef infer(x):\n    return x * 2\n"
+    first = fingerprint(notebook_function(shell, source, "infer"))
+    assert fingerprint(notebook_function(shell, source.replace("x * 2", "x * 3"), "infer")) != first, (
+        "a library decorator's wrapper: the user function it wraps counts"
+    )
+    step_source = "from dreamer_magic import step\n@step('tok')\ndef tok(text):\n    return text.split()\n"
+    stepped = fingerprint(notebook_function(shell, step_source, "tok"))
+    assert fingerprint(notebook_function(shell, step_source.replace("split()", "split(',')"), "tok")) != stepped
+
+    decorator = """
+        import functools
+        import numpy as np
+
+        def logged(fn):
+            @functools.wraps(fn)
+            def wrapper(*args):
+                return fn(*args)
+            return wrapper
+
+        total = logged(np.sum)
+    """
+    path = files.write("deco.py", decorator)
+    module = files.load("deco")
+    before = fingerprint(module.total)
+    assert module.total.__module__ == "numpy", "functools.wraps took the library's module"
+    path.write_text(textwrap.dedent(decorator).replace("return fn(*args)", "return fn(*args) + 1"))
+    importlib.reload(module)
+    assert fingerprint(module.total) != before, "a user decorator around a library function: its code counts"
