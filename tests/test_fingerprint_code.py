@@ -224,6 +224,24 @@ def test_a_fresh_process_sees_the_edited_file(files):
     assert all(a != b for a, b in zip(after, first.split())), "a restart loads the edited code"
 
 
+def test_an_edited_file_not_reloaded_hashes_as_the_code_that_was_loaded(files):
+    """Edited before anything was fingerprinted: the digest is still that of the loaded code,
+    the same a fresh process gets from the original file, never that of the file on disk."""
+    path = files.write("helpers.py", HELPERS)
+    helpers = files.load("helpers")
+    path.write_text(textwrap.dedent(HELPERS).replace('" "', '"-"'))
+    loaded = fingerprint(helpers.clean), fingerprint(helpers)
+    script = """
+        import helpers
+        from dreamer_magic.fingerprint import fingerprint
+        print(fingerprint(helpers.clean), fingerprint(helpers))
+    """
+    edited = tuple(files.run(script).split())
+    path.write_text(textwrap.dedent(HELPERS))
+    original = tuple(files.run(script).split())
+    assert loaded == original != edited
+
+
 def test_user_code_is_followed_transitively(shell, files):
     files.write("othermod.py", "def h(x):\n    return x * 2\n")
     files.write(
