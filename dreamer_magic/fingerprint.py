@@ -65,6 +65,21 @@ def fingerprint(value: Any) -> str:
     return h.hexdigest()
 
 
+def fingerprint_untracked(value: Any) -> tuple[str, list[str]]:
+    """:func:`fingerprint`, and what user code from module files reaches but could count only
+    by its type (a lock, a logger, a connection kept in a global), one line each.
+
+    Examples
+    --------
+    >>> fingerprint_untracked(3)[1]
+    []
+    """
+    h = Hasher()
+    walk = _walk(h)
+    h.value(value)
+    return h.hexdigest(), list(dict.fromkeys(walk.untracked))
+
+
 def combine(*parts: str | bytes) -> str:
     """Fingerprint of an ordered sequence of fingerprints or strings.
 
@@ -81,27 +96,24 @@ def combine(*parts: str | bytes) -> str:
 
 
 def package_version(module_name: str) -> str | None:
-    """The installed version of a top-level package, or ``None`` when unknown.
+    """The installed version of the distribution that provides a module, or ``None`` (the
+    standard library, user code).
 
     Examples
     --------
     >>> package_version("xxhash") is not None
     True
-    """
-    top = module_name.split(".")[0]
-    module = sys.modules.get(top)
-    version = getattr(module, "__version__", None)
-    if isinstance(version, str):
-        return version
-    try:
-        from importlib.metadata import PackageNotFoundError, version as dist_version
 
-        try:
-            return dist_version(top)
-        except PackageNotFoundError:
-            return dist_version(top.replace("_", "-"))
-    except Exception:
+    See :func:`distribution_version` for the distribution's name as well. A library module
+    that no distribution metadata describes falls back to its ``__version__``.
+    """
+    if is_user_module(module_name):  # even one that shares its name with an installed distribution
         return None
+    found = distribution_version(module_name)
+    if found is not None:
+        return found[1]
+    version = getattr(sys.modules.get(module_name.split(".")[0]), "__version__", None)
+    return version if isinstance(version, str) else None
 
 
 def normalise_source(source: str) -> str:
@@ -234,11 +246,10 @@ def code_lines(source: str) -> list[str]:
 
 
 def _is_user_code(obj: Any) -> bool:
-    """True for functions/classes defined in the notebook (``__main__``) or another unversioned file."""
+    """True for functions and classes of user code: the notebook, local modules, editable
+    installs (see :func:`is_user_module`); they count by their code, libraries by version."""
     module = getattr(obj, "__module__", None)
-    if module in (None, "__main__", "__mp_main__") or module.startswith("__ipython"):
-        return True
-    return package_version(module) is None and module.split(".")[0] not in sys.stdlib_module_names
+    return is_user_module(module) if module is None or isinstance(module, str) else False
 
 
 class Hasher:
@@ -521,107 +532,216 @@ class Hasher:
             self.tensor_content(part)
 
     def module_object(self, module: types.ModuleType) -> None:
-        self.tag("module")
-        self.str_(module.__name__)
-        self.value(package_version(module.__name__))
+        """A library module by distribution and version; a user module by its code: its
+        functions, classes and plain constants (what a cell reaching ``helpers.clean`` runs)."""
+        name = getattr(module, "__name__", None)
+        if not isinstance(name, str):
+            raise FingerprintError(f"a module object without a name ({_qualname(type(module))}) cannot be fingerprinted")
+        if not is_user_module(name):
+            self.tag("module")
+            self.str_(name)
+            self.value(distribution_version(name))
+            return
+
+        def body(h: Hasher) -> None:
+            h.tag("user-module")
+            h.str_(name)
+            for key, value in sorted(vars(module).items()):
+                if key.startswith("__") and key.endswith("__"):
+                    continue
+                if isinstance(value, (type, types.ModuleType)) or _is_callable_code(value) or _is_plain(value):
+                    h.str_(key)
+                    h._code_value(f"module {name}", key, value, owner=name)
+
+        self._user_object(module, "module", body)
 
     # -- code -------------------------------------------------------------------
     def function(self, fn: Any) -> None:
-        """Functions: notebook functions by code + the globals they use; library ones by name + version."""
-        if isinstance(fn, functools_partial()):
+        """Functions: user functions by code + the globals they use, recursively into the user
+        code they reach; library callables by qualified name + distribution version."""
+        import functools
+
+        if isinstance(fn, functools.partial):
             self.tag("partial")
             self.value(fn.func)
             self.value(fn.args)
             self.value(dict(fn.keywords))
             return
-        if isinstance(fn, (types.MethodType,)):
+        if isinstance(fn, functools._lru_cache_wrapper):  # @lru_cache, @cache
+            self.tag("lru_cache")
+            self.value(fn.__wrapped__)
+            self.value(fn.cache_parameters())
+            return
+        if isinstance(fn, types.MethodType):
             self.tag("method")
             self.value(fn.__func__)
             self.value(fn.__self__)
             return
         bound_to = getattr(fn, "__self__", None)
-        if isinstance(fn, types.BuiltinMethodType) and bound_to is not None and not isinstance(bound_to, types.ModuleType):
+        if isinstance(fn, types.BuiltinMethodType) and bound_to is not None and not isinstance(bound_to, (types.ModuleType, type)):
             self.tag("builtin-method")  # e.g. a compiled regex's .sub, a dict's .get
             self.str_(fn.__name__)
             self.value(bound_to)
             return
-        if not isinstance(fn, types.FunctionType) or not _is_user_code(fn):
-            self.tag("library-callable")
-            self.str_(getattr(fn, "__module__", None) or "")
-            self.str_(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(type(fn))))
-            self.value(package_version(getattr(fn, "__module__", None) or ""))
+        if not isinstance(fn, types.FunctionType) or not _is_user_function(fn):
+            self._library_callable(fn)
             return
-        if fn in self._functions:  # recursion: a function using itself
-            self.tag("recursive-function")
-            self.int_(self._functions.index(fn))
-            return
-        self._functions.append(fn)
+        self._user_object(fn, "function", lambda h: h._user_function(fn))
+
+    def _library_callable(self, fn: Any) -> None:
+        module, name = _library_name(fn)
+        if isinstance(fn, types.FunctionType):  # a library decorator's wrapper says the user's module
+            module = _module_of_file(fn.__code__.co_filename) or module
+        self.tag("library-callable")
+        self.str_(module)
+        self.str_(name)
+        self.value(distribution_version(module) if module else None)
+        if isinstance(fn, types.FunctionType) and (fn.__closure__ or "<locals>" in name):
+            # made at run time (a decorator's wrapper, a factory's function): what it closes over
+            self.str_(fn.__code__.co_name)
+            self._code_value(f"function {name}()", "closure", (fn.__defaults__, fn.__kwdefaults__, _closure(fn)), owner=module)
+
+    def _user_function(self, fn: types.FunctionType) -> None:
+        self.tag("function")
+        self.str_(fn.__qualname__)
+        self.code(fn.__code__)
+        self._function_data(fn)
+        self.str_("globals")
+        where = f"function {fn.__qualname__}()"
+        for name in sorted(code_global_names(fn.__code__)):
+            if name in fn.__globals__:
+                self.str_(name)
+                self._code_value(where, name, fn.__globals__[name], "uses the global", owner=fn.__module__)
+        imports = code_imports(fn.__code__, fn.__globals__.get("__package__"))
+        if imports:
+            self.str_("imports")
+            for name in sorted(imports):
+                self.str_(name)
+                module = sys.modules.get(name)
+                self.value(module if module is not None else distribution_version(name))
+
+    def _function_data(self, fn: types.FunctionType) -> None:
+        self.value(fn.__defaults__)
+        self.value(fn.__kwdefaults__)
+        if fn.__closure__:
+            self.value(_closure(fn))
+
+    def _code_value(self, where: str, name: str, value: Any, verb: str = "has", *, owner: str | None = None) -> None:
+        """Feed a value user code reaches; a failure names where it was reached.
+
+        Code typed in the notebook must have fingerprintable globals (the user can fix that).
+        Code from a module file often keeps a lock, a logger or a cache in a global; such a
+        value counts by its type, and is listed in :func:`fingerprint_untracked`.
+        """
+        child = _sub_hasher(self)
         try:
-            self.tag("function")
-            self.str_(fn.__qualname__)
-            self.code(fn.__code__)
-            self.value(fn.__defaults__)
-            self.value(fn.__kwdefaults__)
-            if fn.__closure__:
-                cells = []
-                for cell in fn.__closure__:
-                    try:
-                        cells.append(cell.cell_contents)
-                    except ValueError:  # empty cell
-                        cells.append(None)
-                self.value(tuple(cells))
-            self.str_("globals")
-            for name in sorted(code_global_names(fn.__code__)):
-                if name in fn.__globals__:
-                    value = fn.__globals__[name]
-                    self.str_(name)
-                    try:
-                        self.value(value)
-                    except FingerprintError as e:
-                        raise FingerprintError(
-                            f"function {fn.__qualname__}() uses the global {name!r}, which "
-                            f"cannot be fingerprinted: {e}"
-                        ) from None
-        finally:
-            self._functions.pop()
+            child.value(value)
+        except FingerprintError as e:
+            if owner in (None, "__main__", "__mp_main__"):  # ``owner``: the module of the code
+                raise FingerprintError(f"{where} {verb} {name!r}, which cannot be fingerprinted: {e}") from None
+            _walk(self).untracked.append(f"{where} {verb} {name!r} ({_qualname(type(value))}): {e}")
+            self.tag("untracked")
+            self.klass(type(value))
+            return
+        self.tag("reached")
+        self.str_(child.hexdigest())
+
+    def _user_object(self, obj: Any, kind: str, body: Callable[[Hasher], None]) -> None:
+        """Hash a user function, class or module once per fingerprint (see :class:`_Walk`)."""
+        walk = _walk(self)
+        for depth, active in enumerate(reversed(walk.active)):
+            if active is obj:
+                self.tag(f"recursive-{kind}")
+                self.int_(depth)
+                walk.reach = min(walk.reach, len(walk.active) - 1 - depth)
+                return
+        done = walk.done.get(id(obj))
+        if done is None or done[0] is not obj:
+            index = len(walk.active)
+            outer_reach, walk.reach = walk.reach, sys.maxsize
+            walk.active.append(obj)
+            child = _sub_hasher(self)
+            try:
+                body(child)
+            finally:
+                walk.active.pop()
+                inner_reach = walk.reach
+                walk.reach = min(outer_reach, inner_reach)
+            done = (obj, child.hexdigest())
+            if inner_reach >= index:  # refers to nothing outside itself: the same wherever it is met
+                walk.done[id(obj)] = done
+        self.tag(kind)
+        self.str_(done[1])
 
     def code(self, code: types.CodeType) -> None:
         self.tag("code")
-        source = source_of(code)
-        if source is not None:
-            self.str_(normalise_source(source))
-            return
-        self.bytes_(code.co_code)
-        self.value(code.co_names)
-        self.value(code.co_varnames)
-        for const in code.co_consts:
-            if isinstance(const, types.CodeType):
-                self.code(const)
-            else:
-                self.value(const)
+        self.str_(code_digest(code))
 
     def klass(self, cls: type) -> None:
+        """Classes: library ones by qualified name + version; user ones by everything in their
+        ``__dict__`` (every method, dunders included, properties, class attributes), their
+        dataclass fields and parameters, and their bases, by the code that runs."""
         if not _is_user_code(cls):
+            module, name = _library_name(cls)
             self.tag("library-class")
-            self.str_(cls.__module__)
-            self.str_(cls.__qualname__)
-            self.value(package_version(cls.__module__))
+            self.str_(module)
+            self.str_(name)
+            self.value(distribution_version(module) if module else None)
             return
-        self.tag("class")
+        self._user_object(cls, "class", lambda h: h._user_class(cls))
+
+    def _user_class(self, cls: type) -> None:
+        where = f"class {cls.__qualname__}"
+        self.tag("user-class")
         self.str_(cls.__qualname__)
-        try:
-            self.str_(normalise_source(inspect.getsource(cls)))
-        except (OSError, TypeError):  # no source (older Pythons, for notebook classes)
-            self.value(cls.__bases__)
-            for name, attr in sorted(vars(cls).items()):
-                if name.startswith("__") and name.endswith("__"):
-                    continue
-                self.str_(name)
-                if isinstance(attr, (staticmethod, classmethod)):
-                    attr = attr.__func__
-                elif isinstance(attr, property):
-                    attr = (attr.fget, attr.fset)
-                self.value(attr)
+        if type(cls) is not type:
+            self.str_("metaclass")
+            self.klass(type(cls))
+        self.int_(len(cls.__bases__))
+        for base in cls.__bases__:
+            self.klass(base)
+        if dataclasses.is_dataclass(cls):
+            params = getattr(cls, "__dataclass_params__", None)
+            self.str_("dataclass")
+            self.value([getattr(params, p, None) for p in _DATACLASS_PARAMS])
+            for f in dataclasses.fields(cls):
+                self.str_(f.name)
+                kind = getattr(getattr(f, "_field_type", None), "name", "field")
+                self.value([kind, f.init, f.repr, f.hash, f.compare, getattr(f, "kw_only", None), dict(f.metadata)])
+                for part in (f.default, f.default_factory):
+                    if part is dataclasses.MISSING:
+                        self.tag("missing")
+                    else:
+                        self._code_value(where, f.name, part, "has the field", owner=cls.__module__)
+        members = cls.__members__ if isinstance(cls, enum.EnumMeta) else None
+        if members is not None:
+            self.str_("members")
+            self.value([(k, m.value) for k, m in members.items()])
+        for name, attr in sorted(vars(cls).items()):
+            if name in _GENERATED_CLASS_ATTRIBUTES or _is_dataclass_generated(cls, name, attr):
+                continue
+            if members is not None and (isinstance(attr, cls) or (name[:1] == name[-1:] == "_" and name[:2] != "__")):
+                continue  # the members (above) and the enum machinery's _sunder_ names
+            if isinstance(attr, (types.MemberDescriptorType, types.GetSetDescriptorType)):
+                continue  # made from __slots__, which is hashed
+            self.str_(name)
+            if name in ("__annotations__", "__orig_bases__"):
+                items = attr.items() if isinstance(attr, dict) else enumerate(attr)
+                for key, annotation in items:
+                    self.value(key)
+                    _annotation(self, annotation)
+            elif isinstance(attr, (staticmethod, classmethod)):
+                self.tag(type(attr).__name__)
+                self._code_value(where, name, attr.__func__, owner=cls.__module__)
+            elif isinstance(attr, property):
+                self.tag("property")
+                for part in (attr.fget, attr.fset, attr.fdel):
+                    self._code_value(where, name, part, owner=cls.__module__)
+            elif type(attr).__name__ == "cached_property" and hasattr(attr, "func"):
+                self.tag("cached_property")
+                self._code_value(where, name, attr.func, owner=cls.__module__)
+            else:
+                self._code_value(where, name, attr, owner=cls.__module__)
 
     # -- anything else ------------------------------------------------------------
     def _generic(self, value: Any) -> None:
@@ -688,7 +808,7 @@ def config_data(config: Any) -> Any:
 
 
 def class_id(cls: type) -> str:
-    """A class by its import path, or by its source when it is defined in the notebook."""
+    """A class by its import path, or by its code when it is user code (the notebook, a local module)."""
     return fingerprint(cls) if _is_user_code(cls) else f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -744,27 +864,42 @@ MODEL_MEMO = _Memo()
 TOKENIZER_MEMO = _Memo()
 
 
-def model_fingerprint(model: Any) -> str:
-    """A torch model by class, config, generation config and every tensor; train/eval mode does not count.
+def model_fingerprint(model: Any, *, mode: bool = True) -> str:
+    """A torch model by what it computes: class, config, generation config, structure,
+    hyperparameters, train/eval mode and every tensor.
 
     Examples
     --------
     >>> model_fingerprint(model)  # doctest: +SKIP
     '0f3a…'
+    >>> model_fingerprint(model.eval(), mode=False) == model_fingerprint(model.train(), mode=False)  # doctest: +SKIP
+    True
 
-    Computed once per model object and reused until its config or a parameter or buffer
-    changes (checked cheaply: version counters plus a sample of every tensor), so the
-    weights are hashed again only after a change. A trained model and the same model
-    loaded back with ``from_pretrained`` fingerprint alike.
+    The structure is every submodule (``named_modules()``) with its class and its plain
+    attributes: dropout ``p``, ``eps``, ``inplace``, an activation chosen by function, and
+    ``training`` unless ``mode=False`` (the generation cache, which always generates in eval
+    mode, leaves the mode out). Bookkeeping of where a model came from does not count, so a
+    trained model and the same model loaded back with ``from_pretrained`` fingerprint alike
+    (in the same mode). The weights are hashed once per model object and again only after a
+    parameter or buffer changes (checked cheaply: version counters plus a sample of every
+    tensor); the rest is read afresh each call.
     """
+    active = _models_in_progress()
+    if id(model) in active:  # a model reached again from its own attributes (a closure over it)
+        return fingerprint(("recursive-model", class_id(type(model)), len(active) - active.index(id(model))))
+    active.append(id(model))
+    try:
+        return _model_fingerprint(model, mode)
+    finally:
+        active.pop()
+
+
+def _model_fingerprint(model: Any, mode: bool) -> str:
     data: dict[str, Any] = {"class": class_id(type(model)), "config": config_data(getattr(model, "config", None))}
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         data["generation_config"] = config_data(generation)
-    state = (_tensor_state(model), repr(data))
-    known = MODEL_MEMO.get(model, state)
-    if known is not None:
-        return known
+    data["structure"] = module_structure(model, mode=mode)
     modules = []
     for sub in sentence_transformer_modules(model):
         entry: dict[str, Any] = {"class": type(sub).__qualname__}
@@ -778,8 +913,75 @@ def model_fingerprint(model: Any) -> str:
     if modules:
         data["modules"] = modules
         data["max_seq_length"] = getattr(model, "max_seq_length", None)
-    data["weights"] = dict(model.state_dict())
-    return MODEL_MEMO.put(model, state, fingerprint(data))
+    data["weights"] = _weights_fingerprint(model)
+    return fingerprint(data)
+
+
+def _models_in_progress() -> list[int]:
+    """Ids of the models this thread is fingerprinting now."""
+    if not _MODELS_IN_PROGRESS:
+        import threading
+
+        _MODELS_IN_PROGRESS.append(threading.local())
+    local = _MODELS_IN_PROGRESS[0]
+    if not hasattr(local, "ids"):
+        local.ids = []
+    return local.ids
+
+
+_MODELS_IN_PROGRESS: list[Any] = []
+
+# Attributes of modules that say where a model came from or how it is being trained, not what it computes.
+VOLATILE_MODULE_ATTRIBUTES = {"name_or_path", "warnings_issued", "gradient_checkpointing", "hf_device_map", "model_parallel", "is_parallelizable"}
+
+
+def module_structure(model: Any, *, mode: bool = True) -> list:
+    """Every submodule of a torch model as ``[name, class, plain attributes]``.
+
+    Examples
+    --------
+    >>> module_structure(torch.nn.Dropout(0.1))  # doctest: +SKIP
+    [['', 'torch.nn.modules.dropout.Dropout', {'inplace': False, 'p': 0.1, 'training': True}]]
+
+    Plain attributes are numbers, strings, tuples and such, enum members, dtypes, devices,
+    callables (an activation stored as a function) and tensors that are neither parameters
+    nor buffers; private names (``_parameters``, hooks), methods patched on the instance (a
+    wrapped ``generate`` or ``forward``) and :data:`VOLATILE_MODULE_ATTRIBUTES` do not count,
+    nor does ``training`` when ``mode=False``.
+    """
+    import torch
+
+    out = []
+    for name, sub in model.named_modules():
+        attrs: dict[str, Any] = {}
+        for key, value in vars(sub).items():
+            if key.startswith("_") or key in VOLATILE_MODULE_ATTRIBUTES or (key == "training" and not mode):
+                continue
+            if hasattr(type(sub), key):  # a method patched on the instance: instrumentation, device hooks
+                continue
+            if isinstance(value, types.MethodType) and isinstance(value.__self__, torch.nn.Module):
+                value = value.__func__  # a module's method stored under another name: its code
+            if _is_hyperparameter(value):
+                attrs[key] = value
+        out.append([name, class_id(type(sub)), attrs])
+    return out
+
+
+def _is_hyperparameter(value: Any) -> bool:
+    if _is_plain(value) or _is_callable_code(value):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, (torch.dtype, torch.device, torch.Tensor))
+
+
+def _weights_fingerprint(model: Any) -> str:
+    """The state dict's fingerprint, memoised in :data:`MODEL_MEMO` while the tensors (and
+    their names) stay the same."""
+    state = (_tensor_state(model), tuple(name for name, _ in model.named_parameters()), tuple(name for name, _ in model.named_buffers()))
+    known = MODEL_MEMO.get(model, state)
+    if known is not None:
+        return known
+    return MODEL_MEMO.put(model, state, fingerprint(dict(model.state_dict())))
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -894,12 +1096,30 @@ LINEAGE = _Lineage()
 
 
 def code_global_names(code: types.CodeType) -> set[str]:
-    """Global names a code object (and its nested functions) may read."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= code_global_names(const)
-    return names
+    """Global names a code object (and its nested code) reads: its real global loads.
+
+    Examples
+    --------
+    >>> def f(r):
+    ...     return r.size + offset
+    >>> code_global_names(f.__code__)
+    {'offset'}
+
+    Read from the bytecode (``LOAD_GLOBAL``, ``LOAD_NAME`` and 3.12's
+    ``LOAD_FROM_DICT_OR_GLOBALS``), not ``co_names``, which holds attribute names too: ``r.size``
+    does not make ``size`` a global. Computed once per code object.
+    """
+    memo = _code_memo("globals")
+    known = memo.get(code)
+    if known is None:
+        import dis
+
+        names = {ins.argval for ins in dis.get_instructions(code) if ins.opname in _GLOBAL_LOADS}
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                names |= code_global_names(const)
+        known = memo[code] = frozenset(names)
+    return set(known)
 
 
 def source_of(code: types.CodeType) -> str | None:
@@ -916,6 +1136,482 @@ def source_of(code: types.CodeType) -> str | None:
     except SyntaxError:  # a lambda inside an expression, for instance
         return None
     return source
+
+
+# -- user code and libraries: by where a module's file lives ---------------------------------------
+
+
+def is_user_module(module_name: str | None) -> bool:
+    """True when a module is the user's own code, whose code (not a version) must count.
+
+    Examples
+    --------
+    >>> is_user_module("__main__"), is_user_module("json"), is_user_module("xxhash")
+    (True, False, False)
+
+    User code is the notebook (``__main__``, IPython cells), and any module whose file is
+    neither in the standard library nor installed by a non-editable distribution: a
+    ``helpers.py`` beside the notebook, a package under the project, a ``pip install -e``
+    package (even one with a ``__version__``). Decided once per imported module (and again
+    when the module's file changes, as a module of that name loaded from elsewhere). This
+    extension itself counts as a library.
+    """
+    if not module_name or module_name in ("__main__", "__mp_main__") or module_name.startswith("__ipython"):
+        return True
+    module = sys.modules.get(module_name)
+    if module is None:  # not imported (a class named by a pickle, say): by its top-level package
+        top = module_name.partition(".")[0]
+        if top != module_name and top in sys.modules:
+            return is_user_module(top)
+        return top not in sys.stdlib_module_names and not _metadata().distributions_of(top)
+    file = getattr(module, "__file__", None)
+    known = _USER_MODULES.get(module_name)
+    if known is not None and known[0] == file:
+        return known[1]
+    top = module_name.partition(".")[0]
+    path = _module_path(module)
+    user = path is not None and top != _THIS_PACKAGE and _is_user_path(top, path)
+    _USER_MODULES[module_name] = (file, user)
+    return user
+
+
+def distribution_version(module_name: str) -> tuple[str, str] | None:
+    """The installed distribution that provides a module, as ``(name, version)``; ``None`` for
+    the standard library and for code no distribution installed.
+
+    Examples
+    --------
+    >>> distribution_version("xxhash")[0]
+    'xxhash'
+    >>> distribution_version("json") is None
+    True
+    """
+    return _metadata().version_of(module_name)
+
+
+_USER_MODULES: dict[str, tuple[str | None, bool]] = {}
+# This extension is the tool, not the user's code, wherever it is installed: its bookkeeping
+# (hooks, memo tables) is not what a step computes.
+_THIS_PACKAGE = __name__.partition(".")[0]
+
+
+def _module_path(module: types.ModuleType) -> str | None:
+    """The real path of a module's file (a namespace package: its first folder); ``None`` when
+    the interpreter provides it (built-in, frozen)."""
+    import os
+
+    path = getattr(module, "__file__", None)
+    if not path:
+        spec = getattr(module, "__spec__", None)
+        origin = getattr(spec, "origin", None)
+        if origin and os.path.isabs(origin):
+            path = origin
+        else:
+            folders = list(getattr(module, "__path__", None) or [])
+            path = folders[0] if folders else None
+    return os.path.realpath(path) if path else None
+
+
+def _is_user_path(top: str, path: str) -> bool:
+    import os
+
+    parts = path.split(os.sep)
+    candidates = _metadata().distributions_of(top)
+    if "site-packages" in parts or "dist-packages" in parts:
+        # installed there: a library, unless the distribution that owns it is an editable install
+        if len(candidates) > 1:  # a namespace package several distributions share: the file's owner
+            candidates = [d for d in candidates if path in _metadata().files_of(d)] or candidates
+        return bool(candidates) and all(_metadata().editable(d) for d in candidates)
+    if any(path.startswith(folder) for folder in _stdlib_folders()):
+        return False
+    # anywhere else: user code, unless a non-editable distribution installed this very file
+    # (``pip install --target``, a conda or system layout without a site-packages folder)
+    return not any(not _metadata().editable(d) and path in _metadata().files_of(d) for d in candidates)
+
+
+def _stdlib_folders() -> tuple[str, ...]:
+    """The standard library's folders (in a venv, ``platstdlib`` is the venv's own ``lib``,
+    which is why site-packages is ruled out first)."""
+    if not _STDLIB:
+        import os
+        import sysconfig
+
+        paths = sysconfig.get_paths()
+        folders = {paths["stdlib"], paths["platstdlib"], os.path.dirname(os.__file__)}
+        _STDLIB.extend(os.path.join(os.path.realpath(f), "") for f in folders if f)
+    return tuple(_STDLIB)
+
+
+_STDLIB: list[str] = []
+
+
+class _Metadata:
+    """What the installed distributions say, read once per ``sys.path`` (a new entry can bring
+    new distributions)."""
+
+    def __init__(self) -> None:
+        import importlib.metadata
+
+        self.key = tuple(sys.path)
+        self.top_level = importlib.metadata.packages_distributions()
+        self._files: dict[str, frozenset[str]] = {}
+        self._editable: dict[str, bool] = {}
+        self._versions: dict[str, tuple[str, str] | None] = {}
+
+    def distributions_of(self, top: str) -> list[str]:
+        return sorted(set(self.top_level.get(top, ())))
+
+    def files_of(self, name: str) -> frozenset[str]:
+        """The paths a distribution's RECORD lists (under the real path of where it is installed)."""
+        files = self._files.get(name)
+        if files is None:
+            import importlib.metadata
+            import os
+
+            try:
+                dist = importlib.metadata.distribution(name)
+                base = os.path.realpath(dist.locate_file(""))
+                files = frozenset(os.path.normpath(os.path.join(base, str(f))) for f in dist.files or ())
+            except Exception:
+                files = frozenset()
+            self._files[name] = files
+        return files
+
+    def editable(self, name: str) -> bool:
+        """``pip install -e``: direct_url.json says ``"dir_info": {"editable": true}``."""
+        known = self._editable.get(name)
+        if known is None:
+            import importlib.metadata
+            import json
+
+            try:
+                text = importlib.metadata.distribution(name).read_text("direct_url.json")
+                known = bool(text) and bool(json.loads(text).get("dir_info", {}).get("editable"))
+            except Exception:
+                known = False
+            self._editable[name] = known
+        return known
+
+    def version_of(self, module_name: str) -> tuple[str, str] | None:
+        if module_name in self._versions:
+            return self._versions[module_name]
+        import importlib.metadata
+
+        top = module_name.partition(".")[0]
+        names = self.distributions_of(top)
+        if len(names) > 1:  # a namespace package several distributions share: the file's owner
+            module = sys.modules.get(module_name)
+            path = _module_path(module) if module is not None else None
+            names = [n for n in names if path in self.files_of(n)] or names
+        found = None
+        for name in names:
+            try:
+                dist = importlib.metadata.distribution(name)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+            found = (dist.metadata["Name"] or name, dist.version)
+            break
+        self._versions[module_name] = found
+        return found
+
+
+_METADATA: list[_Metadata] = []
+
+
+def _metadata() -> _Metadata:
+    if not _METADATA or _METADATA[0].key != tuple(sys.path):
+        _METADATA[:] = [_Metadata()]
+    return _METADATA[0]
+
+
+# -- code: by what actually runs -----------------------------------------------------------------
+
+_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
+_CODE_MEMO: dict[str, Any] = {}  # weak dictionaries, made on first use
+
+
+def _code_memo(kind: str) -> Any:
+    memo = _CODE_MEMO.get(kind)
+    if memo is None:
+        import weakref
+
+        memo = _CODE_MEMO[kind] = weakref.WeakKeyDictionary()
+    return memo
+
+
+def code_imports(code: types.CodeType, package: str | None = None) -> set[str]:
+    """Absolute names of the modules a code object (and its nested code) imports while it runs.
+
+    Examples
+    --------
+    >>> def f():
+    ...     import json.decoder
+    >>> code_imports(f.__code__)
+    {'json.decoder'}
+    """
+    memo = _code_memo("imports")
+    known = memo.get(code)
+    if known is None or known[0] != package:
+        known = memo[code] = (package, frozenset(_imports(code, package)))
+    return set(known[1])
+
+
+def _imports(code: types.CodeType, package: str | None) -> set[str]:
+    import dis
+    import importlib.util
+
+    names: set[str] = set()
+    consts: list[Any] = []
+    for ins in dis.get_instructions(code):
+        if ins.opname == "IMPORT_NAME":
+            level = consts[-2] if len(consts) >= 2 and isinstance(consts[-2], int) else 0
+            if level == 0:
+                names.add(ins.argval)
+            elif package:
+                try:
+                    names.add(importlib.util.resolve_name("." * level + ins.argval, package))
+                except (ImportError, ValueError):
+                    pass
+        consts = consts[-1:] + [ins.argval] if ins.opname in ("LOAD_CONST", "LOAD_SMALL_INT") else []
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _imports(const, package)
+    return names
+
+
+def code_digest(code: types.CodeType) -> str:
+    """The fingerprint of a code object: what it runs, not where it sits in its file.
+
+    Examples
+    --------
+    >>> def f(x):
+    ...     return x + 1  # a comment does not count
+    >>> len(code_digest(f.__code__))
+    32
+
+    Code typed in the notebook (an IPython cell, whose source ``linecache`` holds for the
+    cell that ran) counts by its normalised source, which stays stable across Python
+    versions. Code from a module file counts by the *loaded* code object: bytecode,
+    constants, names and nested code, but no line numbers, so a comment-only edit does not
+    count and a file edited on disk but not reloaded is not mistaken for what runs.
+    Computed once per code object.
+    """
+    memo = _code_memo("digest")
+    known = memo.get(code)
+    if known is None:
+        h = Hasher()
+        source = _notebook_source(code)
+        if source is not None:
+            h.tag("source")
+            h.str_(normalise_source(source))
+        else:
+            h.tag("bytecode")
+            _feed_code(h, code)
+        known = memo[code] = h.hexdigest()
+    return known
+
+
+def _notebook_source(code: types.CodeType) -> str | None:
+    """The source of code typed in a cell: IPython keeps each cell in ``linecache`` without
+    an mtime (a file on disk has one, and may have changed since it was loaded)."""
+    import linecache
+
+    if code.co_name == "<lambda>":  # its source is the whole line, which may hold other lambdas
+        return None
+    entry = linecache.cache.get(code.co_filename)
+    if entry is None or len(entry) != 4 or entry[1] is not None:
+        return None
+    return source_of(code)
+
+
+def _feed_code(h: Hasher, code: types.CodeType) -> None:
+    h.tag("code-object")
+    h.str_(code.co_name)
+    h.value((code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags))
+    h.bytes_(code.co_code)
+    h.value((code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars))
+    h.bytes_(getattr(code, "co_exceptiontable", b""))  # 3.11+: where try blocks go, no lines
+    h.int_(len(code.co_consts))
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _feed_code(h, const)
+        else:
+            h.value(const)
+
+
+class _Walk:
+    """The user code one fingerprint walks through (functions, classes, user modules).
+
+    ``active`` are the objects being hashed, outermost first: meeting one again is a cycle,
+    hashed as a back-reference by relative depth. ``done`` holds digests of objects whose
+    walk referred to nothing outside itself, reused when they are met again, so a module
+    that many functions reach is hashed once per fingerprint. ``reach`` is the outermost
+    ``active`` index referred to by the walk in progress.
+    """
+
+    def __init__(self) -> None:
+        self.active: list[Any] = []
+        self.done: dict[int, tuple[Any, str]] = {}
+        self.reach = sys.maxsize
+        self.untracked: list[str] = []  # values module code reaches that count by type only
+
+
+def _walk(h: Hasher) -> _Walk:
+    """The walk shared by a hasher and its children (kept first in their shared ``_functions``)."""
+    shared = h._functions
+    if not shared or not isinstance(shared[0], _Walk):
+        shared.insert(0, _Walk())
+    return shared[0]
+
+
+def _sub_hasher(parent: Hasher) -> Hasher:
+    child = Hasher.__new__(Hasher)
+    child.__dict__.update(parent.__dict__)  # shares the guards, whatever they are
+    child._h = xxhash.xxh3_128()
+    return child
+
+
+def _is_dataclass_generated(cls: type, name: str, attr: Any) -> bool:
+    """What ``@dataclass`` writes from the fields and parameters (hashed instead): its methods,
+    made by ``exec`` (``<string>``) or taken from the dataclasses module (3.13's ``__replace__``),
+    and the docstring it makes from the signature."""
+    if not dataclasses.is_dataclass(cls):
+        return False
+    if name == "__doc__":
+        return isinstance(attr, str) and attr.startswith(f"{cls.__name__}(")
+    if name not in _DATACLASS_METHODS or not isinstance(attr, types.FunctionType):
+        return False
+    if attr.__code__.co_filename == dataclasses.__file__:
+        return True
+    made = getattr(attr, "__wrapped__", attr)  # __repr__ comes wrapped in a recursion guard
+    code = getattr(made, "__code__", None)
+    if code is None or code.co_filename != "<string>":
+        return False
+    return getattr(code, "co_qualname", "__create_fn__").startswith("__create_fn__")  # 3.10: no co_qualname
+
+
+_DATACLASS_METHODS = frozenset(
+    {
+        "__init__", "__repr__", "__eq__", "__hash__", "__lt__", "__le__", "__gt__", "__ge__", "__setattr__",
+        "__delattr__", "__replace__", "__getstate__", "__setstate__",
+    }
+)
+# What Python writes into a class's ``__dict__`` itself, or derives from what is hashed anyway.
+_GENERATED_CLASS_ATTRIBUTES = frozenset(
+    {
+        "__dict__", "__weakref__", "__module__", "__qualname__", "__firstlineno__", "__static_attributes__",
+        "__dataclass_fields__", "__dataclass_params__", "_abc_impl", "__abstractmethods__", "__parameters__",
+        "__type_params__",
+    }
+)
+_DATACLASS_PARAMS = ("init", "repr", "eq", "order", "unsafe_hash", "frozen")  # in every Python from 3.10
+
+
+def _annotation(h: Hasher, value: Any) -> None:
+    """A type annotation: classes by what they are, typing constructs by their text."""
+    if isinstance(value, (str, type)):
+        h.value(value)
+        return
+    try:
+        digest = fingerprint_in(h, value)
+    except (FingerprintError, RecursionError):
+        text = str(value)
+        if " at 0x" in text:
+            raise FingerprintError(f"the annotation {type(value).__qualname__} cannot be fingerprinted") from None
+        h.tag("annotation-text")
+        h.str_(text)
+        return
+    h.tag("annotation")
+    h.str_(digest)
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    """A plain constant: numbers, strings, bytes, ``None``, enum members, and containers of those."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, enum.Enum)):
+        return True
+    if depth > 8:
+        return False
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(_is_plain(k, depth + 1) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _is_callable_code(value: Any) -> bool:
+    """Functions and the callables that stand for code: hashed by :meth:`Hasher.function`."""
+    import functools
+
+    return isinstance(
+        value,
+        (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial, functools._lru_cache_wrapper),
+    ) or _is_named_library_callable(value)
+
+
+def _is_named_library_callable(value: Any) -> bool:
+    """A library's callable object that its import path names (a numpy ufunc, ``np.sum``'s
+    dispatcher, a Cython function): it counts by that name and the library's version."""
+    try:
+        if isinstance(value, type) or not callable(value):
+            return False
+        module = getattr(value, "__module__", None)
+        name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None)
+        if not isinstance(module, str) or not isinstance(name, str) or is_user_module(module):
+            return False
+        target: Any = sys.modules.get(module)
+        for part in name.split("."):
+            target = getattr(target, part, None)
+        return target is value
+    except Exception:  # a property that raises, an odd proxy: not a named callable
+        return False
+
+
+def _closure(fn: types.FunctionType) -> tuple:
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(cell.cell_contents)
+        except ValueError:  # empty cell
+            cells.append(None)
+    return tuple(cells)
+
+
+def _is_user_function(fn: types.FunctionType) -> bool:
+    """User code by the module whose file holds the function's code: a library decorator's
+    wrapper copies the user function's ``__module__`` (``functools.wraps``) but runs the
+    library's code, and a user decorator's wrapper around a library function runs the user's.
+    Code with no module file (a cell, ``exec``) goes by ``__module__``."""
+    code_module = _module_of_file(fn.__code__.co_filename)
+    return _is_user_code(fn) if code_module is None else is_user_module(code_module)
+
+
+def _module_of_file(filename: str) -> str | None:
+    """The imported module whose file is ``filename``; ``None`` for a cell or ``exec``'d code."""
+    if filename.startswith("<"):
+        return None
+    if _FILE_MODULES.get("") != len(sys.modules):  # modules came or went: look again
+        _FILE_MODULES.clear()
+        _FILE_MODULES[""] = len(sys.modules)
+    if filename not in _FILE_MODULES:
+        _FILE_MODULES[filename] = None
+        for name, module in list(sys.modules.items()):
+            if getattr(module, "__file__", None) == filename:
+                _FILE_MODULES[filename] = name
+                break
+    known = _FILE_MODULES[filename]
+    return known if known is None or getattr(sys.modules.get(known), "__file__", None) == filename else None
+
+
+_FILE_MODULES: dict[str, Any] = {}  # file -> module name, and "" -> len(sys.modules) when filled
+
+
+def _library_name(obj: Any) -> tuple[str, str]:
+    """A library callable or class by module and qualified name (never its repr or id)."""
+    module = getattr(obj, "__module__", None)
+    if not isinstance(module, str):
+        module = getattr(type(obj), "__module__", "") or ""
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__qualname__
+    return module, str(name)
 
 
 def _buffer(arr: Any) -> memoryview:
@@ -1219,7 +1915,7 @@ _HANDLERS: list[tuple[Callable[[Any], bool], Callable[[Hasher, Any], None]]] = [
     (lambda v: isinstance(v, dict), Hasher._dict),
     (lambda v: isinstance(v, (set, frozenset)), Hasher._set),
     (lambda v: isinstance(v, type), Hasher.klass),
-    (lambda v: isinstance(v, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)) or isinstance(v, functools_partial()), Hasher.function),
+    (_is_callable_code, Hasher.function),
     (lambda v: isinstance(v, enum.Enum), lambda h, v: (h.tag("enum"), h.str_(_qualname(type(v))), h.value(v.value))),
     (lambda v: isinstance(v, bool), lambda h, v: h.tag("True" if v else "False")),
     (lambda v: isinstance(v, int), _int),

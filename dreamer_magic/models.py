@@ -143,7 +143,7 @@ class _CachedModel:
         """The fingerprint of the model and tokenizer together (recomputed only after changes)."""
         from .fingerprint import combine
 
-        return combine(model_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer))
+        return combine(model_fingerprint(self.model, mode=False), tokenizer_fingerprint(self.tokenizer))
 
     def __dreamer_fingerprint__(self) -> str:
         """A step that reads an LLM or Embedder is keyed by what it computes."""

@@ -30,7 +30,17 @@ from typing import Any, Callable, ContextManager, Iterator
 from . import __version__, events
 from .cell import analyze, line_changes, loop_names
 from .errors import DreamerError, FingerprintError, PickleRefusedError, StorageError
-from .fingerprint import FORMAT_VERSION, LINEAGE, combine, fingerprint, normalise_source, package_version, source_of
+from .fingerprint import (
+    FORMAT_VERSION,
+    LINEAGE,
+    combine,
+    distribution_version,
+    fingerprint,
+    is_user_module,
+    normalise_source,
+    package_version,
+    source_of,
+)
 from .folders import OutputFolder, get_output_folder, now_iso, read_json, read_meta, tree_digest, validate_name, write_json_atomic
 from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status, value_preview
 
@@ -118,10 +128,10 @@ def input_fingerprints(inputs: dict[str, Any]) -> dict[str, str]:
 def components_of(spec: StepSpec) -> dict[str, Any]:
     """The fingerprint components stored in step.json (each one explains a change)."""
     libraries = {}
-    for module in sorted(set(spec.libraries)):
-        version = package_version(module)
-        if version is not None:
-            libraries[module] = version
+    for module in sorted(set(spec.libraries)):  # by distribution: `import sklearn` counts scikit-learn
+        found = distribution_version(module)
+        if found is not None:
+            libraries[found[0]] = found[1]
     return {
         "format": FORMAT_VERSION,
         "kind": spec.kind,
@@ -830,8 +840,13 @@ def step(name: str, *, version: str | None = None, force: bool = False, allow_pi
 
 
 def _function_source(fn: Callable) -> str:
+    """A notebook function's source (shown in why-lines). A function from a module file counts
+    by the code that runs (its input fingerprint), never by the file on disk, which may have been
+    edited since it was imported."""
     code = getattr(fn, "__code__", None)
-    source = source_of(code) if code is not None else None
+    module = getattr(fn, "__module__", None)
+    notebook = module in (None, "__main__", "__mp_main__") or str(module).startswith("__ipython")
+    source = source_of(code) if code is not None and notebook else None
     return source if source is not None else f"<function {getattr(fn, '__qualname__', fn)}>"
 
 
@@ -877,9 +892,9 @@ def cell_spec(
     values = {}
     for n in input_names:
         value = namespace[n]
-        if isinstance(value, types.ModuleType):  # a module counts by its version
-            libraries.append(value.__name__.split(".")[0])
-        else:
+        if isinstance(value, types.ModuleType) and not is_user_module(value.__name__):
+            libraries.append(value.__name__.split(".")[0])  # a library counts by its distribution's version
+        else:  # a local module (helpers.py, an editable package) counts by its code
             values[n] = value
     spec = StepSpec(
         name=name,

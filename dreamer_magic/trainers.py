@@ -88,7 +88,7 @@ from .checkpoints import (
     read_state,
 )
 from .errors import DreamerError, StorageError
-from .fingerprint import fingerprint, json_safe
+from .fingerprint import fingerprint, json_safe, model_fingerprint
 from .folders import OutputFolder, fsync_tree, now_iso, read_json, read_meta, write_json_atomic
 from .hf_trainer import is_trainer as _is_hf_trainer, patched_trainer
 from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, Status, resumed_from
@@ -163,7 +163,7 @@ def stable_value(value: Any) -> Any:
         or (getattr(value, "backend_tokenizer", None) is not None and is_pretrained(value))
         or (torch is not None and isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)))
     ):
-        return _Key(fingerprint(value))
+        return _Key(model_fingerprint(value, mode=False) if _is_module(value) else fingerprint(value))  # training sets the mode itself
     return value
 
 

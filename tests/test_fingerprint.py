@@ -286,19 +286,26 @@ def test_models_tokenizers_and_optimizers_by_what_they_compute(tmp_path):
     from _tiny import tiny_gpt2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dreamer_magic.fingerprint import model_fingerprint
+
     model, tok = tiny_gpt2()
+    model.eval()
     first = fingerprint(model)
+    without_mode = model_fingerprint(model, mode=False)
     model.train()
-    assert fingerprint(model) == first, "train/eval mode does not count"
+    assert model_fingerprint(model, mode=False) == without_mode, "train/eval mode left out (the generation cache)"
+    assert fingerprint(model) != first, "train/eval mode counts for steps (SPEC §3)"
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    assert fingerprint(AutoModelForCausalLM.from_pretrained(tmp_path)) == first, "reloaded: same fingerprint"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert fingerprint(reloaded) == first, "reloaded (in eval mode): same fingerprint as in eval mode"
+    assert model_fingerprint(reloaded, mode=False) == without_mode, "reloaded: same fingerprint, mode left out"
     assert fingerprint(AutoTokenizer.from_pretrained(tmp_path)) == fingerprint(tok)
     tok(["a", "bb"], padding=True, truncation=True)  # switches per-call settings on
     assert fingerprint(AutoTokenizer.from_pretrained(tmp_path)) == fingerprint(tok)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
-    assert fingerprint(model) != first, "weights changed in place"
+    assert fingerprint(model.eval()) != first, "weights changed in place"
     assert fingerprint(torch.float16) != fingerprint(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt_fp = fingerprint(opt)
