@@ -673,7 +673,7 @@ def _const_digest(value: Any) -> str:
 
 def _feed_code(h: Any, code: types.CodeType) -> None:
     h.update(b"code(")
-    h.update(b"%d,%d,%d,%d," % (code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags))
+    h.update(b"%d,%d,%d,%d," % (code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags & ~0x10))
     for names in (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars, (code.co_name,)):
         h.update("\0".join(names).encode("utf-8", "surrogatepass") + b"|")
     h.update(code.co_code)

@@ -1427,7 +1427,8 @@ def _notebook_source(code: types.CodeType) -> str | None:
 def _feed_code(h: Hasher, code: types.CodeType) -> None:
     h.tag("code-object")
     h.str_(code.co_name)
-    h.value((code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags))
+    # CO_NESTED (0x10) says where the code was compiled (inside another function), not what it does
+    h.value((code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags & ~0x10))
     h.bytes_(code.co_code)
     h.value((code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars))
     h.bytes_(getattr(code, "co_exceptiontable", b""))  # 3.11+: where try blocks go, no lines

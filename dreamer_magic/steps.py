@@ -465,6 +465,7 @@ class StepRun:
             status.reasons = changed
         else:
             status.reasons = why(meta, components, spec.source, problem, first_line=spec.first_line, previews=input_previews(spec.inputs))
+            status.reasons += self._code_changes(meta)
         if problem and meta is not None:
             status.reasons.append(Reason.problem(problem))
         status.changed()
@@ -486,6 +487,17 @@ class StepRun:
             carried = self._carry_over(fp)
             if carried is not None and self._dependencies_hold(carried, changed):
                 yield LOADED, carried
+
+    def _code_changes(self, meta: dict | None) -> list[Reason]:
+        """Which functions outside the notebook changed since the saved run (a changed module
+        input says only "input `helpers` changed"; this names ``helpers.clean``)."""
+        recorded = (meta or {}).get("dependencies") or {}
+        if not recorded.get("code"):
+            return []
+        from . import dependencies
+
+        code_only = {**recorded, "files": [], "folders": [], "libraries": {}, "rng": {}}
+        return [_dependency_reason(c) for c in dependencies.check(code_only, os.getcwd())]
 
     def _dependencies_hold(self, meta: dict, changed: list) -> bool:
         """Whether what the saved run read besides its inputs (files, user code, libraries,

@@ -163,7 +163,7 @@ def stable_value(value: Any) -> Any:
         or (getattr(value, "backend_tokenizer", None) is not None and is_pretrained(value))
         or (torch is not None and isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)))
     ):
-        return _Key(model_fingerprint(value, mode=False) if _is_module(value) else fingerprint(value))  # training sets the mode itself
+        return _Key(model_fingerprint(value, mode=False) if is_module(value) else fingerprint(value))  # training sets the mode itself
     return value
 
 

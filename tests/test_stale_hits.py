@@ -270,3 +270,131 @@ def test_order_and_flags_count(tmp_path):
     assert again.states == ["ran"] * 3, again.statuses
     assert again.values["names"]["repr"] == "['pos', 'neg']" and again.values["needs"]["repr"] == "False"
     assert again.values["b"]["repr"] == "2"
+
+
+# -- 2. notebook classes and models ---------------------------------------------------------------------
+
+
+CLASSES = '''
+import dataclasses, torch
+
+class Scaler:
+    def __init__(self, k):
+        self.k = k
+    def __call__(self, x):
+        return x * self.k
+
+@dataclasses.dataclass
+class Config:
+    size: int = 2
+    def __post_init__(self):
+        self.size = self.size * 10
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.drop = torch.nn.Dropout(0.1)
+    def forward(self, x):
+        return self.drop(self.lin(x))
+
+torch.manual_seed(0)
+scale, cfg, net = Scaler(3), Config(), Net().eval()
+'''
+
+
+@pytest.mark.parametrize(
+    "edit, step",
+    [
+        (("self.k = k", "self.k = k + 1"), "scaled"),  # __init__ of a plain class
+        (("return x * self.k", "return x * self.k * 2"), "scaled"),  # __call__
+        (("self.size = self.size * 10", "self.size = self.size * 100"), "config"),  # __post_init__ of a dataclass
+        (("Dropout(0.1)", "Dropout(0.3)"), "model"),  # a hyperparameter of an nn.Module
+        (("Net().eval()", "Net().train()"), "model"),  # train/eval mode
+    ],
+)
+def test_every_method_and_hyperparameter_of_notebook_classes_counts(tmp_path, edit, step):
+    cells = [
+        CLASSES,
+        "%%dreamer_step scaled\ny = scale(2)",
+        "%%dreamer_step config\nsize = cfg.size",
+        "%%dreamer_step model\nout = net(torch.ones(1, 2)).tolist()\nmode = net.training",
+    ]
+    run = session(tmp_path, cells, dump=["y", "size", "out", "mode"])
+    assert run.states == ["ran"] * 3, run.errors
+    edited = session(tmp_path, [CLASSES.replace(*edit)] + cells[1:], dump=["y", "size", "out", "mode"])
+    which = ["scaled", "config", "model"].index(step)
+    assert edited.states[which] == "ran", (edit, edited.statuses)
+    assert [s for i, s in enumerate(edited.states) if i != which] == ["loaded from disk"] * 2, edited.statuses
+
+
+def test_classes_and_functions_defined_in_steps_survive_a_restart(tmp_path):
+    cells = [
+        "%%dreamer_step define\nclass Point:\n    def __init__(self, x):\n        self.x = x\ndef norm(p):\n    return abs(p.x)\npts = [Point(-2), Point(3)]\nsquare = lambda v: v * v",
+        "%%dreamer_step use\ntotal = sum(norm(p) for p in pts) + square(2)",
+    ]
+    run = session(tmp_path, cells, dump=["total"])
+    assert run.states == ["ran", "ran"] and run.values["total"]["repr"] == "9"
+    hit = session(tmp_path, cells, dump=["total", "pts"])
+    assert hit.states == ["loaded from disk", "loaded from disk"], hit.statuses
+    assert hit.values["total"]["repr"] == "9" and "Point" in hit.values["pts"]["repr"]
+
+
+def test_outputs_that_cannot_be_saved_are_skipped_with_a_note(tmp_path):
+    cells = ["%%dreamer_step handles\nimport threading\nlock = threading.Lock()\nf = open('notes.txt', 'w')\ngen = (i for i in range(3))\nkept = [1, 2]\nf.close()"]
+    run = session(tmp_path, cells, dump=["kept"])
+    assert run.states == ["ran"] and not run.errors
+    assert "`lock`" in run.reasons() and "`gen`" in run.reasons() and "`f`" in run.reasons()
+    assert session(tmp_path, cells, dump=["kept"]).states == ["loaded from disk"]
+
+
+# -- 8. cell syntax -----------------------------------------------------------------------------------------
+
+
+def test_cell_syntax_hits_leave_the_namespace_as_a_run(tmp_path):
+    cells = [
+        "flag = False\nx = 'from before'\ndata = [1, 2, 3]\nscratch = 1",
+        "%%dreamer_step branch\nif flag:\n    x = 'set in the step'\nseen = x",  # x is an input: the branch did not run
+        "%%dreamer_step magic\n%time t = sum(data)",
+        "%%dreamer_step walrus\nsquares = [y := v * v for v in data]\ndel scratch",
+        "%%dreamer_step capture\n%%capture out\nprint('quiet')\nq = len(data)",
+    ]
+    dump = ["seen", "t", "squares", "y", "scratch", "q", "out"]
+    run = session(tmp_path, cells, dump=dump)
+    assert run.states == ["ran"] * 4 and not run.errors, run.errors
+    assert run.values["scratch"] is None and run.values["y"]["repr"] == "9"
+    hit = session(tmp_path, cells, dump=dump)
+    assert_hits_like(run, hit)
+    changed = session(tmp_path, [cells[0].replace("'from before'", "'other'")] + cells[1:], dump=dump)
+    assert changed.states[0] == "ran" and "`x`" in changed.reasons(0)
+    assert changed.values["seen"]["repr"] == "'other'"
+
+
+# -- values that must fingerprint alike in every process --------------------------------------------------
+
+
+VALUES = {
+    "rng": "np.random.default_rng(7)",
+    "seedseq": "np.random.SeedSequence(11)",
+    "ts": "pd.Timestamp('2024-05-01 12:00', tz='Europe/Paris')",
+    "td": "pd.Timedelta('3h')",
+    "nat": "pd.NaT",
+    "na": "pd.NA",
+    "cat": "pd.Categorical(['a', 'b', 'a'])",
+    "cached_fn": "functools.lru_cache(maxsize=8)(lambda v: v + 1)",
+    "big": "10 ** 5000",
+    "sparse": "torch.tensor([[0, 1.5], [2.0, 0]]).to_sparse()",
+    "ufunc": "np.add",
+    "relu": "torch.nn.functional.relu",
+}
+
+
+def test_everyday_values_as_inputs_hit_after_a_restart(tmp_path):
+    setup = "import functools, numpy as np, pandas as pd, torch\n" + "\n".join(f"{k} = {v}" for k, v in VALUES.items())
+    step = "%%dreamer_step uses-them\nseen = [" + ", ".join(f"type({k}).__name__" for k in VALUES) + "]"
+    run = session(tmp_path, [setup, step], dump=["seen"])
+    assert run.states == ["ran"] and not run.errors, (run.errors, run.statuses)
+    hit = session(tmp_path, [setup, step], dump=["seen"])
+    assert hit.states == ["loaded from disk"], hit.statuses
+    changed = session(tmp_path, [setup.replace("default_rng(7)", "default_rng(8)"), step], dump=["seen"])
+    assert changed.states == ["ran"] and "`rng`" in changed.reasons()
