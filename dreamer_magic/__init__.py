@@ -4,6 +4,7 @@ Examples
 --------
 >>> %load_ext dreamer_magic          # doctest: +SKIP
 >>> from dreamer_magic import LLM, Embedder, cached, step   # doctest: +SKIP
+>>> from dreamer_magic import OpenAILLM, VLLM, LiteLLM, ParallelLLM   # doctest: +SKIP
 
 Importing the package is cheap: the magics, torch, transformers and datasets load only when
 first needed.
@@ -14,7 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "Embedder", "cached", "step", "Checkpointer", "last_status", "__version__"]
+__all__ = [
+    "LLM", "Embedder", "cached", "step", "Checkpointer", "last_status",
+    "OpenAILLM", "VLLM", "LiteLLM", "ParallelLLM", "__version__",
+]
 
 _LAZY = {
     "LLM": "models",
@@ -23,6 +27,10 @@ _LAZY = {
     "step": "steps",
     "last_status": "steps",
     "Checkpointer": "checkpointer",
+    "OpenAILLM": "backends.openai",
+    "VLLM": "backends.vllm",
+    "LiteLLM": "backends.litellm",
+    "ParallelLLM": "backends.parallel",
 }
 
 

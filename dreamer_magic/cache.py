@@ -17,6 +17,16 @@ Each database lives in ``<output folder>/.cache/<name>.sqlite`` and holds one ta
 
 ``sqlite-utils rows output/.cache/gpt2-tiny-0123456789abcdef.sqlite cache`` lists it.
 
+API and engine backends (``backends/``) add three columns the first time they use a database
+(``ALTER TABLE ... ADD COLUMN``: older databases and readers are unaffected)::
+
+       [meta] TEXT,              -- JSON: finish_reason, model (as the server reported it),
+                                 --   system_fingerprint, usage, choices, tool_calls
+       [prompt_tokens] REAL,     -- this answer's share of the request's prompt tokens
+       [completion_tokens] REAL  -- and of its completion tokens
+
+so that an all-hit lookup sums the tokens it saved in the same query (:meth:`Database.get_answers`).
+
 Keys
     ``key = xxh3_128(canonical JSON of the request)``, where canonical JSON is
     ``json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``
@@ -81,6 +91,7 @@ __all__ = [
     "request_key",
     "request_prefix",
     "session_counts",
+    "session_savings",
 ]
 
 TABLE = "cache"
@@ -216,6 +227,7 @@ def cache_folder(output_folder: str | os.PathLike | None = None) -> Path:
 # Hit/miss counts go out as events (events.py): running steps subscribe for their own thread.
 _observers: list[tuple[Any, int]] = []  # (fn, subscription token); fns may be unhashable
 _session: dict[str, list[int]] = {}  # database path -> [hits, misses]
+_savings: dict[str, list] = {}  # database path -> [tokens served from the cache, money saved or None]
 _session_lock = threading.Lock()
 
 
@@ -239,13 +251,26 @@ def remove_observer(fn: Callable[[str, int, int], Any]) -> None:
             return
 
 
-def record(database: Database, hits: int, misses: int) -> None:
-    """Count a lookup in this session's totals and publish it (running steps show it live)."""
+def record(database: Database, hits: int, misses: int, *, tokens: int = 0,
+           saved: float | None = None) -> None:
+    """Count a lookup in this session's totals and publish it (running steps show it live).
+
+    ``tokens`` is what the hits would have cost in tokens and ``saved`` in money (API
+    backends, given prices); both add up per database for ``%dreamer status``.
+    """
     with _session_lock:
         counts = _session.setdefault(str(database.path), [0, 0])
         counts[0] += hits
         counts[1] += misses
-    events.publish(database.name, hits, misses)
+        if tokens or saved is not None:
+            more = _savings.setdefault(str(database.path), [0, None])
+            more[0] += tokens
+            if saved is not None:
+                more[1] = (more[1] or 0.0) + saved
+    if tokens or saved is not None:
+        events.publish(database.name, hits, misses, tokens=tokens, saved=saved)
+    else:
+        events.publish(database.name, hits, misses)
 
 
 def session_counts() -> dict[str, tuple[int, int]]:
@@ -260,6 +285,21 @@ def session_counts() -> dict[str, tuple[int, int]]:
         return {path: (h, m) for path, (h, m) in _session.items()}
 
 
+def session_savings() -> dict[str, tuple[int, float | None]]:
+    """This session's ``{database path: (tokens served from the cache, money saved or None)}``.
+
+    Examples
+    --------
+    >>> session_savings()  # doctest: +SKIP
+    {'/work/output/.cache/openai-gpt-4o-mini-0123456789abcdef.sqlite': (51200, 0.0123)}
+
+    Only API backends report tokens (from the usage stored with each answer); money needs
+    ``prices=`` on the backend.
+    """
+    with _session_lock:
+        return {path: (t, m) for path, (t, m) in _savings.items()}
+
+
 def list_databases(root: str | os.PathLike) -> list[dict[str, Any]]:
     """Every generation-cache database under an output folder, for ``%dreamer status``.
 
@@ -267,7 +307,7 @@ def list_databases(root: str | os.PathLike) -> list[dict[str, Any]]:
     --------
     >>> list_databases(get_output_folder())  # doctest: +SKIP
     [{'name': 'gpt2-tiny-0123456789abcdef', 'path': '...', 'rows': 1000, 'size': 303104,
-      'hits': 990, 'misses': 10, 'hit_rate': 0.99}]
+      'hits': 990, 'misses': 10, 'hit_rate': 0.99, 'tokens_from_cache': 0, 'money_saved': None}]
 
     ``root`` is the output folder (its ``.cache`` folder is read) or the ``.cache`` folder
     itself. ``size`` counts the database with its WAL file; ``hit_rate`` is ``None`` when
@@ -278,6 +318,7 @@ def list_databases(root: str | os.PathLike) -> list[dict[str, Any]]:
     if not folder.is_dir():
         return []
     counts = session_counts()
+    savings = session_savings()
     found = []
     for path in sorted(folder.glob(f"*{SUFFIX}")):
         size = sum(
@@ -288,6 +329,7 @@ def list_databases(root: str | os.PathLike) -> list[dict[str, Any]]:
         except sqlite3.DatabaseError:
             rows = None
         hits, misses = counts.get(str(path), (0, 0))
+        tokens, money = savings.get(str(path), (0, None))
         found.append(
             {
                 "name": path.stem,
@@ -297,6 +339,8 @@ def list_databases(root: str | os.PathLike) -> list[dict[str, Any]]:
                 "hits": hits,
                 "misses": misses,
                 "hit_rate": hits / (hits + misses) if hits + misses else None,
+                "tokens_from_cache": tokens,
+                "money_saved": money,
             }
         )
     return found
@@ -309,6 +353,14 @@ def list_databases(root: str | os.PathLike) -> list[dict[str, Any]]:
 _KEY_SEP = ","
 _HITS = f"SELECT c.rowid FROM json_each(?) AS j JOIN [{TABLE}] AS c ON c.key = j.value"
 _LOOKUP_ROWS = f"SELECT key, response FROM [{TABLE}] WHERE rowid IN ({_HITS})"
+_ANSWER_COLUMNS = (("meta", "TEXT"), ("prompt_tokens", "REAL"), ("completion_tokens", "REAL"))
+_LOOKUP_ANSWERS_JOINED = (
+    f"SELECT count(*), group_concat(key, '{_KEY_SEP}'), group_concat(response, ','), "
+    f"total(prompt_tokens), total(completion_tokens) FROM [{TABLE}] WHERE rowid IN ({_HITS})"
+)
+_LOOKUP_ANSWERS = (
+    f"SELECT key, response, prompt_tokens, completion_tokens FROM [{TABLE}] WHERE rowid IN ({_HITS})"
+)
 _LOOKUP_JOINED = (
     f"SELECT count(*), group_concat(key, '{_KEY_SEP}'), group_concat(response, ',') "
     f"FROM [{TABLE}] WHERE rowid IN ({_HITS})"
@@ -355,6 +407,7 @@ class Database:
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._lock = threading.RLock()
+        self._answer_columns = -1  # the pid whose connection has the backends' columns
 
     def __repr__(self) -> str:
         return f"Database({str(self.path)!r})"
@@ -366,6 +419,7 @@ class Database:
         if self._conn is None or self._pid != os.getpid():
             self._conn = self._connect()
             self._pid = os.getpid()
+            self._answer_columns = -1
         return self._conn
 
     def _connect(self) -> sqlite3.Connection:
@@ -465,6 +519,92 @@ class Database:
                 raw = self.get_many(chunk)
                 found.update(zip(raw.keys(), decode_json_many(raw.values())))
         return found
+
+    def _ensure_answer_columns(self) -> sqlite3.Connection:
+        """This process's connection, with the backends' ``meta``/token columns added if missing."""
+        conn = self.connection
+        if self._answer_columns == os.getpid():
+            return conn
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info([{TABLE}])")}
+        if any(name not in have for name, _ in _ANSWER_COLUMNS):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                have = {row[1] for row in conn.execute(f"PRAGMA table_info([{TABLE}])")}
+                for name, kind in _ANSWER_COLUMNS:
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE [{TABLE}] ADD COLUMN [{name}] {kind}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        self._answer_columns = os.getpid()
+        return conn
+
+    def get_answers(self, keys: Sequence[str]) -> tuple[dict[str, Any], float, float]:
+        """Decoded responses of the stored ``keys``, and the prompt and completion tokens they hold.
+
+        Examples
+        --------
+        >>> found, prompt_tokens, completion_tokens = db.get_answers(keys)  # doctest: +SKIP
+
+        The backends' all-hit fast path: like :meth:`get_json_many`, one query per chunk that
+        also sums the ``prompt_tokens`` and ``completion_tokens`` columns of the hits.
+        """
+        found: dict[str, Any] = {}
+        prompt = completion = 0.0
+        with self._lock:
+            conn = self._ensure_answer_columns()
+            for start in range(0, len(keys), LOOKUP_CHUNK):
+                chunk = keys[start : start + LOOKUP_CHUNK]
+                arg = ('["' + '","'.join(chunk) + '"]',)
+                count, joined_keys, joined, p, c = conn.execute(_LOOKUP_ANSWERS_JOINED, arg).fetchone()
+                if count == len(chunk) and count:
+                    got = joined_keys.split(_KEY_SEP)
+                    if len(got) == count:
+                        found.update(zip(got, json.loads("[" + joined + "]")))
+                        prompt += p
+                        completion += c
+                        continue
+                rows = conn.execute(_LOOKUP_ANSWERS, arg).fetchall()
+                if rows:
+                    found.update(zip((r[0] for r in rows), decode_json_many(r[1] for r in rows)))
+                    prompt += sum(r[2] or 0 for r in rows)
+                    completion += sum(r[3] or 0 for r in rows)
+        return found, prompt, completion
+
+    def put_answers(self, rows: Iterable[tuple[str, str, str, str, float, float]]) -> int:
+        """Store ``(key, request, response, meta, prompt_tokens, completion_tokens)`` rows in one transaction.
+
+        Examples
+        --------
+        >>> db.put_answers([(key, request, '"Blue."', '{"finish_reason":"stop"}', 12.0, 2.0)])  # doctest: +SKIP
+        1
+
+        As :meth:`put_many` (an upsert, committed before it returns), with the backends' columns.
+        """
+        created = _now_iso()
+        data = [(k, q, r, m, p, c, created) for k, q, r, m, p, c in rows]
+        if not data:
+            return 0
+        sql = (
+            f"INSERT INTO [{TABLE}] (key, request, response, meta, prompt_tokens, completion_tokens, "
+            "created) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+            "request = excluded.request, response = excluded.response, meta = excluded.meta, "
+            "prompt_tokens = excluded.prompt_tokens, completion_tokens = excluded.completion_tokens, "
+            "created = excluded.created"
+        )
+        with self._lock:
+            conn = self._ensure_answer_columns()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(sql, data)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return len(data)
 
     def get(self, key: str) -> str | bytes | None:
         """The stored response of one key, or ``None``."""

@@ -21,7 +21,7 @@ from typing import Any, Callable
 Listener = Callable[[str, int, int], Any]
 
 _lock = threading.Lock()
-_listeners: dict[int, tuple[Listener, int | None]] = {}
+_listeners: dict[int, tuple[Listener, int | None, bool]] = {}  # fn, thread, takes savings
 _next = 0
 
 
@@ -35,8 +35,23 @@ def subscribe(listener: Listener, *, this_thread: bool = False) -> int:
     global _next
     with _lock:
         _next += 1
-        _listeners[_next] = (listener, threading.get_ident() if this_thread else None)
+        _listeners[_next] = (
+            listener, threading.get_ident() if this_thread else None, _takes_savings(listener)
+        )
         return _next
+
+
+def _takes_savings(listener: Listener) -> bool:
+    """Whether a listener accepts ``tokens=`` and ``saved=`` (API backends report them)."""
+    import inspect
+
+    try:
+        params = inspect.signature(listener).parameters
+    except (TypeError, ValueError):
+        return False
+    return ("tokens" in params and "saved" in params) or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
 
 
 def unsubscribe(token: int) -> None:
@@ -45,12 +60,19 @@ def unsubscribe(token: int) -> None:
         _listeners.pop(token, None)
 
 
-def publish(database: str, hits: int, misses: int) -> None:
-    """Tell every subscriber about one lookup (called by the generation cache)."""
+def publish(database: str, hits: int, misses: int, **savings: Any) -> None:
+    """Tell every subscriber about one lookup (called by the generation cache).
+
+    ``savings`` (``tokens=``, ``saved=``: what the hits would have cost) reach only the
+    listeners that accept them; the others hear ``(database, hits, misses)`` as always.
+    """
     if not _listeners:
         return
     me = threading.get_ident()
     with _lock:
-        targets = [fn for fn, thread in _listeners.values() if thread is None or thread == me]
-    for fn in targets:
-        fn(database, hits, misses)
+        targets = [(fn, takes) for fn, thread, takes in _listeners.values() if thread is None or thread == me]
+    for fn, takes in targets:
+        if savings and takes:
+            fn(database, hits, misses, **savings)
+        else:
+            fn(database, hits, misses)

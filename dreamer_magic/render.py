@@ -329,7 +329,10 @@ def status_text(status: Status) -> str:
         parts = []
         for db, (hits, misses) in sorted(dict(status.cache).items()):
             rate = _hit_rate(hits, misses)
-            parts.append(f"{db}: {hits} hits, {misses} misses ({_pct(rate)} hits)")
+            parts.append(
+                f"{db}: {hits} hits, {misses} misses ({_pct(rate)} hits)"
+                + _savings_phrase(getattr(status, "cache_saved", {}).get(db))
+            )
         lines.append("  generation cache: " + "; ".join(parts))
     if status.kind == "trainer":
         progress = _progress_phrase(status)
@@ -507,19 +510,23 @@ def _details_html(status: Status) -> str:
         out.append(_row("progress", f'<span class="dreamer-body-progress">{_esc(body)}</span>', "dreamer-progress-row"))
     if status.cache:
         rows = []
+        saved_of = dict(getattr(status, "cache_saved", {}) or {})
         for db, (hits, misses) in sorted(dict(status.cache).items()):
-            rows.append(
-                (
-                    f'<span class="dreamer-cache-db" data-db="{_esc(db)}" data-hits="{hits}" '
-                    f'data-misses="{misses}">{_esc(db)}</span>',
-                    str(hits),
-                    str(misses),
-                    _pct(_hit_rate(hits, misses)),
-                )
+            row = (
+                f'<span class="dreamer-cache-db" data-db="{_esc(db)}" data-hits="{hits}" '
+                f'data-misses="{misses}">{_esc(db)}</span>',
+                str(hits),
+                str(misses),
+                _pct(_hit_rate(hits, misses)),
             )
-        out.append(
-            _table(("generation cache", "hits", "misses", "hit rate"), rows, "dreamer-cache")
-        )
+            if saved_of:
+                tokens, money = saved_of.get(db, (0, None))
+                row += (_esc(f"{tokens:,}"), _esc(_money(money)))
+            rows.append(row)
+        header = ("generation cache", "hits", "misses", "hit rate")
+        if saved_of:
+            header += ("tokens from cache", "saved")
+        out.append(_table(header, rows, "dreamer-cache"))
     for note in status.notes:
         out.append(_row("note", _esc(note), "dreamer-note"))
     if status.error:
@@ -1029,6 +1036,9 @@ def render_overview(
         html_parts.append(f'<div style="{_MUTED}">no steps or trainers yet</div>')
     if caches:
         header = ("generation cache", "rows", "size", "hits", "misses", "hit rate")
+        with_savings = any(c.get("tokens_from_cache") or c.get("money_saved") is not None for c in caches)
+        if with_savings:
+            header += ("tokens from cache", "saved")
         trows = []
         for c in caches:
             hits, misses = int(c.get("hits") or 0), int(c.get("misses") or 0)
@@ -1044,14 +1054,35 @@ def render_overview(
                     str(misses),
                     _pct(rate),
                 )
+                + (
+                    (f"{int(c.get('tokens_from_cache') or 0):,}", _money(c.get("money_saved")))
+                    if with_savings
+                    else ()
+                )
             )
-        text_parts.append(_text_table(header, trows, right={1, 2, 3, 4, 5}) + "\n" + _SESSION_NOTE)
+        text_parts.append(_text_table(header, trows, right={1, 2, 3, 4, 5, 6, 7}) + "\n" + _SESSION_NOTE)
         html_parts.append(
             _table(header, [[_esc(x) for x in r] for r in trows], "dreamer-caches")
             + f'<div class="dreamer-session-note" style="{_MUTED};font-size:12px">{_esc(_SESSION_NOTE)}</div>'
         )
     html_parts.append("</div>")
     return Rendered("\n\n".join(text_parts), "".join(html_parts))
+
+
+def _money(amount: float | None) -> str:
+    """Dollars saved, to the cent (a tenth of a cent below one dollar); blank without prices."""
+    if amount is None:
+        return ""
+    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.3f}"
+
+
+def _savings_phrase(saved: Any) -> str:
+    """``", 1,234 tokens from cache, $0.012 saved"`` for an API backend's hits, else ``""``."""
+    if not saved:
+        return ""
+    tokens, money = saved
+    phrase = f", {int(tokens):,} tokens from cache"
+    return phrase + (f", {_money(money)} saved" if money is not None else "")
 
 
 def render_why(name: str, lines: Sequence[str]) -> Rendered:

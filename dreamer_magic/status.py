@@ -438,6 +438,8 @@ class Status:
     outputs: list[OutputInfo] = field(default_factory=list)
     # generation-cache activity while the cell ran: database name -> [hits, misses]
     cache: dict[str, list[int]] = field(default_factory=dict)
+    # what the hits would have cost (API backends): database name -> [tokens, money or None]
+    cache_saved: dict[str, list] = field(default_factory=dict)
     error: str | None = None
     # the error is raised to the user right below the card (a traceback, a UsageError line):
     # the card names it without repeating the message
@@ -467,11 +469,21 @@ class Status:
         for listener in list(self._listeners):
             listener(self)
 
-    def count_cache(self, database: str, hits: int, misses: int) -> None:
-        """Add generation-cache hits and misses made while the cell runs."""
+    def count_cache(self, database: str, hits: int, misses: int, tokens: int = 0,
+                    saved: float | None = None) -> None:
+        """Add generation-cache hits and misses made while the cell runs.
+
+        API backends also report the tokens the hits would have cost and, given prices, the
+        money (``saved``).
+        """
         counts = self.cache.setdefault(database, [0, 0])
         counts[0] += hits
         counts[1] += misses
+        if tokens or saved is not None:
+            more = self.cache_saved.setdefault(database, [0, None])
+            more[0] += tokens
+            if saved is not None:
+                more[1] = (more[1] or 0.0) + saved
         self.changed()
 
     @property

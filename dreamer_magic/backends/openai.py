@@ -1,0 +1,193 @@
+""":class:`OpenAILLM`: OpenAI, and any server that speaks its API (vLLM, llama.cpp, TGI, Ollama...).
+
+Examples
+--------
+>>> from dreamer_magic import OpenAILLM
+>>> llm = OpenAILLM("gpt-4o-mini", prices={"input": 0.15, "output": 0.60})  # doctest: +SKIP
+>>> llm.generate(["Name a colour."], max_new_tokens=8, temperature=0)  # doctest: +SKIP
+['Blue.']
+>>> local = OpenAILLM("Qwen/Qwen2.5-0.5B-Instruct", base_url="http://127.0.0.1:8000/v1")  # doctest: +SKIP
+
+The client is a small one of our own over ``aiohttp`` (the ``[openai]`` extra), not the
+``openai`` package nor ``httpx``: the cache needs only two endpoints and the raw JSON of the
+answer, and on this project's 2-core machine ``httpx.AsyncClient`` (which the ``openai`` package
+runs on) managed 65-130 requests/s against an instant local server, where ``aiohttp`` made
+about 1,600 (a raw asyncio client 3,300, so the server was not the limit). aiohttp also brings
+TLS, proxies from the environment (``trust_env``) and chunked answers. Retries, backoff and
+``Retry-After`` are ours, the same for every backend. See :mod:`.base` for the keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import os
+import time
+from typing import Any, AsyncIterator
+
+from ..errors import DreamerError
+from .base import Backend, BackendError, Job, RetryableError, missing_extra, openai_rows, retrying
+
+__all__ = ["OpenAILLM"]
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+_HINTS = {
+    401: "check the api key (api_key= or OPENAI_API_KEY)",
+    403: "the api key may not have access to this model",
+    404: "check the model name and base_url (it usually ends in /v1)",
+    400: "the server refused a request field; check the arguments to generate()",
+    422: "the server refused a request field; check the arguments to generate()",
+}
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw[:300].decode("utf-8", "replace")
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error or data)[:300]
+
+
+class OpenAILLM(Backend):
+    """A model behind the OpenAI API or any compatible server, with every answer cached.
+
+    Examples
+    --------
+    >>> llm = OpenAILLM("gpt-4o-mini", system_prompt="Answer in one word.")  # doctest: +SKIP
+    >>> llm.generate(["Sky colour?", "Grass colour?"], temperature=0)  # doctest: +SKIP
+    ['Blue', 'Green']
+
+    Parameters
+    ----------
+    model
+        The model name the server knows (``"gpt-4o-mini"``, a vLLM server's model path...).
+    base_url
+        The API's address (default ``OPENAI_BASE_URL`` or ``https://api.openai.com/v1``). Not
+        part of the key: the same model behind another address shares its cache; pass
+        ``name=`` to keep them apart.
+    api_key
+        Default ``OPENAI_API_KEY``; a server at another ``base_url`` may need none. Never stored.
+    system_prompt
+        Put first in every conversation without a system message.
+    mode
+        ``"chat"`` (``/chat/completions``) or ``"completion"`` (``/completions``, plain text).
+    concurrency
+        Requests in flight at once (default 16).
+    timeout
+        Seconds one request may take before it is retried (default 600).
+    max_retries
+        Retries of one request (429, 5xx, timeouts, dropped connections) before giving up.
+    name
+        The database's name instead of ``openai-<model>`` (splits caches).
+    prices
+        ``{"input": ..., "output": ...}`` in dollars per million tokens: the status then says
+        how much money the cache saved.
+    output_folder
+        Where ``.cache/`` lives (default: the current output folder).
+    headers
+        Further HTTP headers (an organisation, a project); not part of the key.
+    """
+
+    kind = "openai"
+
+    def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
+                 system_prompt: str | None = None, mode: str = "chat", concurrency: int = 16,
+                 timeout: float = 600.0, max_retries: int = 6, name: str | None = None,
+                 prices: dict | None = None, output_folder: Any = None,
+                 headers: dict | None = None) -> None:
+        if not isinstance(model, str) or not model:
+            raise DreamerError(f"OpenAILLM needs a model name, e.g. OpenAILLM('gpt-4o-mini'); got {model!r}")
+        super().__init__(model, mode=mode, system_prompt=system_prompt, concurrency=concurrency,
+                         name=name, prices=prices, output_folder=output_folder)
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self._api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        if not self._api_key and self.base_url == DEFAULT_BASE_URL:
+            raise DreamerError(
+                "OpenAILLM needs an api key for api.openai.com: set OPENAI_API_KEY or pass api_key="
+            )
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self._headers = dict(headers or {})
+
+    def __repr__(self) -> str:
+        return f"OpenAILLM({self.model!r}, base_url={self.base_url!r})"
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[Any]:
+        try:
+            import aiohttp
+        except ImportError:
+            raise missing_extra("OpenAILLM", "aiohttp", "openai") from None
+        headers = {"content-type": "application/json", **self._headers}
+        if self._api_key:
+            headers["authorization"] = f"Bearer {self._api_key}"
+        path = "/chat/completions" if self.mode == "chat" else "/completions"
+        url = self.base_url + path
+        timeout = aiohttp.ClientTimeout(total=self.timeout, connect=min(self.timeout, 30.0))
+        connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency)
+        # trust_env: HTTP(S)_PROXY, NO_PROXY and .netrc are honoured as most HTTP clients do
+        async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector,
+                                         trust_env=True) as client:
+
+            async def send(job: Job) -> list[str]:
+                content = json.dumps(job.request_body(), ensure_ascii=False).encode()
+                try:
+                    async with client.post(url, data=content) as response:
+                        status = response.status
+                        raw = await response.read()
+                        retry_after = _retry_after(response.headers)
+                except asyncio.TimeoutError:
+                    raise RetryableError(f"no answer within {self.timeout:g} s") from None
+                except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+                    raise RetryableError(f"connection problem ({type(e).__name__}: {e})") from None
+                if status in RETRY_STATUS:
+                    raise RetryableError(f"{status} {_error_message(raw)}", retry_after)
+                if status >= 400:
+                    hint = _HINTS.get(status, "")
+                    raise BackendError(
+                        f"{url} answered {status}: {_error_message(raw)}" + (f" ({hint})" if hint else "")
+                    )
+                try:
+                    data = json.loads(raw)
+                except ValueError:
+                    raise RetryableError(f"the answer is not JSON: {raw[:100]!r}") from None
+                return self._rows(data)
+
+            async def call(batch: list[Job]) -> list[list[str]]:
+                return [
+                    await retrying(lambda: send(job), max_retries=self.max_retries, log=self.retries,
+                                   what=f"{self.model} at {url}")
+                    for job in batch
+                ]
+
+            yield call
+
+    def _rows(self, data: Any) -> list[str]:
+        return openai_rows(data, self.mode == "chat")
