@@ -581,6 +581,8 @@ class TrainerRun(StepRun):
             elif is_training_args(value):
                 placements[name] = ("training_args", f"_outputs/{name}.training_args.json")
         entries = _save_outputs(saveable, folder, placements, not_saved)
+        steps.record_inherited_lineage(saveable, entries)
+        self.entries = entries
         meta_extra = self._write_model_metadata(model_dir)
         write_replay(folder, records)
         self._write_rng(folder)
