@@ -7,8 +7,8 @@ A trainer is a step whose body trains a model. It differs from a step in three w
   (with the fingerprint) says that training started; ``trainer.json``, written last, says it
   finished. Re-running a cell whose training did not finish resumes it: from the latest
   *complete* checkpoint, with the same loss values as an uninterrupted run.
-* Every ``transformers.Trainer`` built in the cell is redirected: its checkpoints go to
-  ``<name>/_checkpoints`` whatever ``output_dir`` says, a callback feeds the live status
+* Every ``transformers.Trainer`` built in the cell, or built in an earlier cell and trained in
+  this one, is redirected: its checkpoints go to ``<name>/_checkpoints`` whatever ``output_dir`` says, a callback feeds the live status
   (progress, ETA, loss curve, checkpoints), and ``train()`` resumes from the latest complete
   checkpoint unless ``resume_from_checkpoint`` is given or ``--no-resume`` was. A plain PyTorch
   loop gets the same from :class:`Checkpointer`.
@@ -17,7 +17,10 @@ A trainer is a step whose body trains a model. It differs from a step in three w
   ``_model/<variable>/``), with ``training_args.json``, ``trainer_state.json`` (the log
   history) and ``metrics.json``. A hit loads them back with ``from_pretrained`` of the
   recorded class. ``Trainer`` objects are not saved (they hold live training state): after
-  a hit the variable is left as it was, and the status says so.
+  a hit the variable is left as it was, and the status says so. A Trainer built before the cell
+  (an input) gets its ``args`` and callbacks back when the cell ends; its model and tokenizer are
+  saved as the variables that hold them (else as ``trainer.model``), and a hit copies the trained
+  weights into its model and restores its state (log history, global step).
 
 Layout::
 
