@@ -191,5 +191,6 @@ def test_a_loaded_value_fingerprints_as_when_it_was_produced(sessions, group, ki
     one, two = first.values[name], again.values[name]
     assert one["fingerprint"] == two["fingerprint"], (one, two)
     assert one["type"] == two["type"]
-    if "object at 0x" not in one["repr"] and "function" not in one["type"]:
+    # (a repr with an address, or a set of strings, whose order follows PYTHONHASHSEED, differs anyway)
+    if "object at 0x" not in one["repr"] and one["type"] not in ("function", "set", "frozenset"):
         assert one["repr"] == two["repr"]
