@@ -281,8 +281,13 @@ def _caller_file(depth: int = 2) -> str:
         return ""
 
 
+# importlib.metadata lists every sys.path entry (the working directory too) looking for *.dist-info
+_IMPORTLIB = os.path.join(os.path.dirname(os.__file__), "importlib", "")
+
+
 def _from_import_system() -> bool:
-    return _caller_file(3).startswith("<frozen importlib")
+    caller = _caller_file(3)
+    return caller.startswith("<frozen importlib") or caller.startswith(_IMPORTLIB)
 
 
 def _audit(event: str, args: tuple) -> None:

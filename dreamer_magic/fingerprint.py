@@ -1056,6 +1056,39 @@ def _scheduler(h: Hasher, value: Any) -> None:
     h.value(json_safe({k: v for k, v in value.state_dict().items() if k not in _OPTIMIZER_PROGRESS}))
 
 
+# TrainingArguments that say where a Trainer writes, not how it trains.
+_TRAINER_BOOKKEEPING = {"output_dir", "logging_dir", "run_name", "hub_token", "push_to_hub_token"}
+
+
+def _trainer(h: Hasher, trainer: Any) -> None:
+    """A ``transformers.Trainer`` by what decides its training: its class, model, arguments (less
+    where it writes), datasets, collator, tokenizer/processor, metric and loss functions, and its
+    callbacks by class; never its live state (accelerator, weak references, the progress). An
+    optimizer passed in counts by class and settings until training starts (the one the Trainer
+    makes then follows from the arguments)."""
+    args = getattr(trainer, "args", None)
+    settings = args.to_dict() if callable(getattr(args, "to_dict", None)) else None
+    if isinstance(settings, dict):
+        settings = json_safe({k: v for k, v in settings.items() if k not in _TRAINER_BOOKKEEPING})
+    state = getattr(trainer, "state", None)
+    fresh = getattr(state, "global_step", 0) == 0 and not getattr(trainer, "is_in_train", False)
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", None) or []
+    h.tag("transformers.Trainer")
+    h.str_(class_id(type(trainer)))
+    h.value({
+        "model": getattr(trainer, "model", None),
+        "args": settings,
+        "train_dataset": getattr(trainer, "train_dataset", None),
+        "eval_dataset": getattr(trainer, "eval_dataset", None),
+        "data_collator": getattr(trainer, "data_collator", None),
+        "processing_class": getattr(trainer, "processing_class", getattr(trainer, "tokenizer", None)),
+        "functions": [getattr(trainer, a, None) for a in ("compute_metrics", "preprocess_logits_for_metrics", "compute_loss_func", "model_init")],
+        "callbacks": [class_id(type(c)) for c in callbacks if type(c).__name__ != "DreamerStatusCallback"],
+        "optimizer": getattr(trainer, "optimizer", None) if fresh else None,
+        "optimizer_cls_and_kwargs": getattr(trainer, "optimizer_cls_and_kwargs", None),
+    })
+
+
 def fingerprint_in(parent: Hasher, value: Any) -> str:
     """Fingerprint a value while sharing the parent's cycle/recursion guards."""
     child = Hasher.__new__(Hasher)
@@ -1890,6 +1923,7 @@ _HANDLERS: list[tuple[Callable[[Any], bool], Callable[[Hasher, Any], None]]] = [
     (_module_isinstance("torch", "dtype"), lambda h, v: (h.tag("torch.dtype"), h.str_(str(v)))),
     (_module_isinstance("torch", "device"), lambda h, v: (h.tag("torch.device"), h.str_(str(v)))),
     (_module_isinstance("transformers", "PreTrainedTokenizerBase"), _tokenizer),
+    (_module_isinstance("transformers.trainer", "Trainer"), _trainer),
     (_module_isinstance("numpy.random", "Generator"), _np_generator),
     (_module_isinstance("numpy.random", "BitGenerator"), _np_bit_generator),
     (_module_isinstance("numpy.random", "SeedSequence"), _np_seed_sequence),

@@ -2,11 +2,12 @@
 
 While a trainer cell's body runs, :func:`patched_trainer` patches ``Trainer.__init__`` and
 ``Trainer.train`` on the base class (so subclasses such as trl's ``SFTTrainer`` are covered):
-every Trainer built in the cell writes its checkpoints to the trainer's ``_checkpoints`` folder
-whatever ``output_dir`` says, a callback feeds the live status (progress, ETA, losses,
+every Trainer built in the cell, or built in an earlier cell and trained in this one, writes
+its checkpoints to the trainer's ``_checkpoints`` folder whatever ``output_dir`` says, a callback feeds the live status (progress, ETA, losses,
 checkpoints), and ``train()`` resumes from the latest complete checkpoint unless
 ``resume_from_checkpoint`` is given or ``--no-resume`` was. The patches are undone when the
-body ends, even on error.
+body ends, even on error; a Trainer built before the cell gets its own ``args`` and callbacks
+back then.
 
 The ``run`` handed in is the running trainer (``trainers.TrainerRun``); this module only uses
 the attributes named in :func:`patched_trainer`, so it does not import the lifecycle.
@@ -79,7 +80,7 @@ def is_trainer(value: Any) -> bool:
 
 @contextlib.contextmanager
 def patched_trainer(run: Any) -> Iterator[None]:
-    """Redirect, watch and resume every ``transformers.Trainer`` built while the body runs.
+    """Redirect, watch and resume every ``transformers.Trainer`` built or trained while the body runs.
 
     Examples
     --------
@@ -109,6 +110,39 @@ def patched_trainer(run: Any) -> Iterator[None]:
     init_signature = inspect.signature(original_init)
     train_signature = inspect.signature(original_train)
 
+    def redirected(training_args: Any, folder: Path) -> Any:
+        """A copy of ``training_args`` writing under ``folder`` (the user's object keeps its output_dir)."""
+        original = training_args.output_dir
+        training_args = copy.copy(training_args)
+        training_args.output_dir = str(folder)
+        # transformers 4.x derives logging_dir (TensorBoard) from output_dir: keep it inside too
+        logging_dir = getattr(training_args, "logging_dir", None)
+        if original and logging_dir and _is_within(logging_dir, original):
+            training_args.logging_dir = str(folder / "runs" / Path(logging_dir).name)
+        if original and os.path.abspath(str(original)) != str(folder):
+            note = f"output_dir {str(original)!r} redirected to {folder}"
+            if note not in run.status.notes:
+                run.status.notes.append(note)
+                run.status.changed()
+        return training_args
+
+    def watch(trainer: Any, folder: Path) -> Any:
+        callback = callback_class(run.live, folder)
+        trainer.add_callback(callback)
+        run.trainers.append(weakref.ref(trainer))
+        run.trainer_ids.add(id(trainer))
+        return callback
+
+    adopted: list[tuple[Any, Any, Any]] = []  # (trainer built before the cell, its own args, our callback)
+
+    def adopt(trainer: Any) -> None:
+        """A Trainer built in an earlier cell and trained here: redirected and watched while the
+        body runs, as one built in the cell; its arguments and callbacks are put back afterwards."""
+        folder = run.checkpoints_dir(len(run.trainers))
+        own = trainer.args
+        trainer.args = redirected(own, folder)
+        adopted.append((trainer, own, watch(trainer, folder)))
+
     @functools.wraps(original_init)
     def __init__(trainer: Any, *args: Any, **kwargs: Any) -> None:
         __tracebackhide__ = True  # noqa: F841
@@ -120,29 +154,18 @@ def patched_trainer(run: Any) -> Iterator[None]:
         if training_args is None:
             training_args = TrainingArguments(output_dir=str(folder))
         else:
-            original = training_args.output_dir
-            training_args = copy.copy(training_args)  # the user's object keeps its output_dir
-            training_args.output_dir = str(folder)
-            # transformers 4.x derives logging_dir (TensorBoard) from output_dir: keep it inside too
-            logging_dir = getattr(training_args, "logging_dir", None)
-            if original and logging_dir and _is_within(logging_dir, original):
-                training_args.logging_dir = str(folder / "runs" / Path(logging_dir).name)
-            if original and os.path.abspath(str(original)) != str(folder):
-                note = f"output_dir {str(original)!r} redirected to {folder}"
-                if note not in run.status.notes:
-                    run.status.notes.append(note)
-                    run.status.changed()
+            training_args = redirected(training_args, folder)
         bound.arguments["args"] = training_args
         original_init(*bound.args, **bound.kwargs)
-        trainer.add_callback(callback_class(run.live, folder))
-        run.trainers.append(weakref.ref(trainer))
-        run.trainer_ids.add(id(trainer))
+        watch(trainer, folder)
 
     @functools.wraps(original_train)
     def train(trainer: Any, *args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True  # noqa: F841 - an error in training shows transformers' and the user's frames
-        if id(trainer) not in run.trainer_ids or run.finished:
+        if run.finished:
             return original_train(trainer, *args, **kwargs)
+        if id(trainer) not in run.trainer_ids:
+            adopt(trainer)
         bound = train_signature.bind(trainer, *args, **kwargs)
         given = bound.arguments.get("resume_from_checkpoint")
         if given is None or given is True:
@@ -162,3 +185,7 @@ def patched_trainer(run: Any) -> Iterator[None]:
         yield
     finally:
         Trainer.__init__, Trainer.train = original_init, original_train  # type: ignore[method-assign]
+        for trainer, own, callback in adopted:
+            trainer.args = own
+            with contextlib.suppress(ValueError):
+                trainer.remove_callback(callback)

@@ -709,6 +709,7 @@ class StepRun:
         for entry in entries.values():
             if entry.get("path"):
                 entry["digest"] = tree_digest(self.tmp / entry["path"])
+        record_inherited_lineage(values, entries)
         self.entries = entries
         for name, reason in getattr(entries, "not_saved", {}).items():  # storage skipped it: say so
             self.status.notes.append(not_saved_note(name, reason))
@@ -768,18 +769,56 @@ class StepRun:
         """Datasets this step produced are fingerprinted by their lineage from now on: the step's
         fingerprint, the output's name and the digest of what was saved, so the key changes
         whenever the data does (a ``--force`` re-run, a non-deterministic body), in this kernel
-        and after a restart alike. A ``DatasetDict``'s splits are marked one by one."""
+        and after a restart alike. A ``DatasetDict``'s splits are marked one by one.
+
+        A dataset that is already another step's unchanged output (a split put into a new
+        ``DatasetDict``, ``train = ds["train"]``) keeps that step's key, here and, through the
+        key its entry recorded (:func:`record_inherited_lineage`), when it is loaded after a
+        restart: one object never changes its fingerprint because a second step returned it.
+        """
         inputs = {id(v) for v in self.spec.inputs.values()}
         entries = self.entries
         for name, value in values.items():
-            if not type(value).__module__.startswith("datasets") or id(value) in inputs:
+            if not _is_dataset(value) or id(value) in inputs:
                 continue
-            digest = (entries.get(name) or {}).get("digest")
+            entry = entries.get(name) or {}
+            digest = entry.get("digest")
             key = combine(fp, name, digest) if digest else combine(fp, name)
-            LINEAGE.set(value, key)
+            inherited = entry.get("lineage")
             if isinstance(value, dict):  # DatasetDict / IterableDatasetDict: the splits are what hashes
+                LINEAGE.set(value, key)
+                inherited = inherited if isinstance(inherited, dict) else {}
                 for split, part in value.items():
-                    LINEAGE.set(part, combine(key, str(split)))
+                    _mark(part, inherited.get(str(split)) or combine(key, str(split)))
+            else:
+                _mark(value, inherited if isinstance(inherited, str) else key)
+
+
+def _is_dataset(value: Any) -> bool:
+    return type(value).__module__.startswith("datasets")
+
+
+def _mark(value: Any, key: str) -> None:
+    """Give a dataset its lineage key, unless it already carries a valid one (another step's)."""
+    if LINEAGE.get(value) is None:
+        LINEAGE.set(value, key)
+
+
+def record_inherited_lineage(values: dict, entries: dict) -> None:
+    """Write into each dataset output's entry the lineage keys it already carries (it, or a split
+    of it, is an earlier step's unchanged output), so that loading it gives the same keys."""
+    for name, value in values.items():
+        entry = entries.get(name)
+        if entry is None or not _is_dataset(value):
+            continue
+        if isinstance(value, dict):
+            kept = {str(split): key for split, part in value.items() if (key := LINEAGE.get(part)) is not None}
+            if kept:
+                entry["lineage"] = kept
+        else:
+            key = LINEAGE.get(value)
+            if key is not None:
+                entry["lineage"] = key
 
 
 def _dependency_reason(change: Any) -> Reason:

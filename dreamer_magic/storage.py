@@ -1248,6 +1248,7 @@ def _save_function(value: Any, target: Target) -> dict | None:
         "defaults": defaults,
         "kwdefaults": kwdefaults,
         "attributes": attributes,
+        "fingerprint_source": _fingerprinted_source(code),
     }
     path = target.new_path(".function.json")
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
@@ -1275,7 +1276,38 @@ def _load_function(path: Path, entry: dict, context: LoadContext) -> Any:
         fn.__dict__.update(_decode(data["attributes"]))
     fn.__qualname__ = str(data.get("qualname") or fn.__qualname__)
     fn.__module__ = data.get("module")
+    if isinstance(data.get("fingerprint_source"), str):
+        _give_source(fn, data["fingerprint_source"])
     return fn
+
+
+def _fingerprinted_source(code: types.CodeType) -> str | None:
+    """The text a function's fingerprint reads (``fingerprint.source_of``), kept so that the
+    function re-created on a hit fingerprints exactly as the one the step produced."""
+    from .fingerprint import source_of
+
+    return source_of(code)
+
+
+def _give_source(fn: types.FunctionType, text: str) -> None:
+    """Make ``inspect.getsource(fn)`` return ``text`` (the original function's source): its code
+    is moved to a file name of its own, registered in ``linecache`` like a notebook cell, and
+    its line numbers shifted so that they point into ``text`` (tracebacks show the right line)."""
+    from .fingerprint import fingerprint
+
+    digest = fingerprint(text)
+    filename = f"<dreamer_magic: {fn.__qualname__} {digest[:12]}>"
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    linecache.cache[filename] = (len(text), None, lines, filename)
+    delta = 1 - fn.__code__.co_firstlineno
+
+    def move(code: types.CodeType) -> types.CodeType:
+        consts = tuple(move(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+        return code.replace(co_filename=filename, co_firstlineno=max(1, code.co_firstlineno + delta), co_consts=consts)
+
+    fn.__code__ = move(fn.__code__)
 
 
 # --------------------------------------------------------------------------- models (trainers)

@@ -7,8 +7,8 @@ A trainer is a step whose body trains a model. It differs from a step in three w
   (with the fingerprint) says that training started; ``trainer.json``, written last, says it
   finished. Re-running a cell whose training did not finish resumes it: from the latest
   *complete* checkpoint, with the same loss values as an uninterrupted run.
-* Every ``transformers.Trainer`` built in the cell is redirected: its checkpoints go to
-  ``<name>/_checkpoints`` whatever ``output_dir`` says, a callback feeds the live status
+* Every ``transformers.Trainer`` built in the cell, or built in an earlier cell and trained in
+  this one, is redirected: its checkpoints go to ``<name>/_checkpoints`` whatever ``output_dir`` says, a callback feeds the live status
   (progress, ETA, loss curve, checkpoints), and ``train()`` resumes from the latest complete
   checkpoint unless ``resume_from_checkpoint`` is given or ``--no-resume`` was. A plain PyTorch
   loop gets the same from :class:`Checkpointer`.
@@ -17,7 +17,10 @@ A trainer is a step whose body trains a model. It differs from a step in three w
   ``_model/<variable>/``), with ``training_args.json``, ``trainer_state.json`` (the log
   history) and ``metrics.json``. A hit loads them back with ``from_pretrained`` of the
   recorded class. ``Trainer`` objects are not saved (they hold live training state): after
-  a hit the variable is left as it was, and the status says so.
+  a hit the variable is left as it was, and the status says so. A Trainer built before the cell
+  (an input) gets its ``args`` and callbacks back when the cell ends; its model and tokenizer are
+  saved as the variables that hold them (else as ``trainer.model``), and a hit copies the trained
+  weights into its model and restores its state (log history, global step).
 
 Layout::
 
@@ -155,13 +158,16 @@ class _Key:
 
 
 def stable_value(value: Any) -> Any:
-    """``value`` itself, or for models, tokenizers, optimizers and schedulers a :class:`_Key` of
-    their canonical fingerprint (what they compute; see fingerprint.model_fingerprint)."""
+    """``value`` itself, or for models, tokenizers, optimizers, schedulers and ``Trainer`` objects
+    a :class:`_Key` of their canonical fingerprint (what they compute; see
+    fingerprint.model_fingerprint; a Trainer counts by its model, arguments, data, collator and
+    callbacks, so one trained in place by this trainer is recognised as its own output)."""
     torch = sys.modules.get("torch")
     if (
         is_module(value)
         or (getattr(value, "backend_tokenizer", None) is not None and is_pretrained(value))
         or (torch is not None and isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)))
+        or _is_hf_trainer(value)
     ):
         return _Key(model_fingerprint(value, mode=False) if is_module(value) else fingerprint(value))  # training sets the mode itself
     return value
@@ -274,6 +280,7 @@ class TrainerRun(StepRun):
         self._input_keys: dict[str, str] = {}  # fingerprints of the model/tokenizer inputs used
         self._moved: str | None = None  # where the previous folder went when this run started
         self._resumed = False
+        self.attached: dict[str, tuple[str, str]] = {}  # output -> (Trainer input, attribute) it came from
 
     # -- where things are ---------------------------------------------------------
     @property
@@ -350,10 +357,41 @@ class TrainerRun(StepRun):
     def _load_values(self, folder: Path, entries: dict) -> dict[str, Any]:
         """Models with ``from_pretrained``; plain modules trained in place get their weights back."""
         namespace = ChainMap(self.namespace, self.spec.inputs)
-        return load_outputs(folder, entries, allow_pickle=self.spec.allow_pickle, namespace=namespace)
+        values = load_outputs(folder, entries, allow_pickle=self.spec.allow_pickle, namespace=namespace)
+        for name, entry in entries.items():
+            into = entry.get("into")
+            if isinstance(into, str) and name in values:
+                values[name] = self._put_back(values[name], into, folder)
+        return values
+
+    def _put_back(self, loaded: Any, into: str, folder: Path) -> Any:
+        """A hit: give the Trainer built before the cell (``into`` is ``trainer.model``) what training
+        left in it: the trained weights copied into its own model (same object, device and dtype, so
+        ``model is trainer.model`` still holds) and its state (log history, global step)."""
+        tname, _, attr = into.partition(".")
+        trainer = self.namespace.get(tname, self.spec.inputs.get(tname))
+        if not _is_hf_trainer(trainer):
+            return loaded
+        current = getattr(trainer, attr, None)
+        if attr == "model" and current is not None:
+            import torch
+
+            try:
+                with torch.no_grad():
+                    current.load_state_dict(loaded.state_dict())
+                loaded = current
+            except Exception:  # noqa: BLE001 - another architecture: hand the Trainer the loaded model
+                trainer.model = trainer.model_wrapped = loaded
+            with contextlib.suppress(Exception):
+                from transformers import TrainerState
+
+                trainer.state = TrainerState.load_from_json(str(folder / MODEL / "trainer_state.json"))
+            return loaded
+        return current if current is not None else loaded  # a tokenizer: part of the Trainer's fingerprint
 
     def _load(self, folder: Path, meta: dict, state: str, started: float) -> dict[str, Any]:
-        values = super()._load(folder, meta, state, started)
+        values = _variables(super()._load(folder, meta, state, started))
+        self.values = values
         status = self.status
         status.step = meta.get("final_step")
         status.max_steps = meta.get("max_steps")
@@ -372,6 +410,7 @@ class TrainerRun(StepRun):
         status, spec = self.status, self.spec
         if self.main:
             self._prepare_folder(components, fp)
+        self._note_outside_seed()
         self.live.begin(0, None)
         records: list = []
         injected = "Checkpointer" not in self.namespace
@@ -413,8 +452,20 @@ class TrainerRun(StepRun):
         status.eta = None
         self._mark_lineage(fp, values)
         status.changed()
+        values = _variables(values)
         self.values = values
         return values
+
+    def _note_outside_seed(self) -> None:
+        """What to do when a Trainer built in an earlier cell runs again only because the global
+        random state differs (it seeds it from ``args.seed`` when built, not when it trains)."""
+        names = [n for n, v in self.spec.inputs.items() if _is_hf_trainer(v)]
+        if names and any(getattr(r, "kind", None) == "rng" for r in self.status.reasons):
+            self.status.notes.append(
+                f"`{names[0]}` was built in an earlier cell, so its training draws from the random state that "
+                f"cell left (a Trainer seeds it from args.seed when it is built); re-run the cell that builds "
+                f"`{names[0]}`, or build it in this cell, to reuse the saved result"
+            )
 
     def _prepare_folder(self, components: dict, fp: str) -> None:
         """Resume or start over, as :func:`checkpoints.decide_resume` says; back up what must not be trained over."""
@@ -534,7 +585,32 @@ class TrainerRun(StepRun):
             if name not in values and value is not None and (id(value) in touched or name in changed):
                 if is_module(value) or is_pretrained(value):
                     values[name] = value
+        self._attach_trainer_models(values, namespace)
         return values
+
+    def _attach_trainer_models(self, values: dict, namespace: dict) -> None:
+        """The model and tokenizer/processor of each Trainer input this cell trained (one built in
+        an earlier cell) are outputs too: saved to ``_model`` under the variable that holds them
+        (``model``), or as ``trainer.model`` when none does, and put back into the Trainer on a hit."""
+        for tname, trainer in self.spec.inputs.items():
+            if not _is_hf_trainer(trainer) or id(trainer) not in self.trainer_ids:
+                continue
+            for attr in ("model", "processing_class"):
+                obj = getattr(trainer, attr, None)
+                if obj is None or not is_pretrained(obj):
+                    if attr == "model" and obj is not None:
+                        self.status.notes.append(
+                            f"`{tname}.model` is a plain PyTorch module: it is not saved, so a hit leaves it untrained; "
+                            "build the Trainer inside this cell and bind the model there to keep it"
+                        )
+                    continue
+                if any(v is obj for v in values.values()):
+                    name = next(n for n, v in values.items() if v is obj)
+                else:
+                    held = [n for n, v in namespace.items() if v is obj and not n.startswith("_") and n.isidentifier()]
+                    name = ("model" if attr == "model" and "model" in held else held[0]) if held else f"{tname}.{attr}"
+                    values[name] = obj
+                self.attached[name] = (tname, attr)
 
     def _main_names(self, values: dict) -> tuple[str | None, str | None]:
         """The variables of the main model and its tokenizer/processor (saved at the top of ``_model``)."""
@@ -581,6 +657,11 @@ class TrainerRun(StepRun):
             elif is_training_args(value):
                 placements[name] = ("training_args", f"_outputs/{name}.training_args.json")
         entries = _save_outputs(saveable, folder, placements, not_saved)
+        steps.record_inherited_lineage(saveable, entries)
+        self.entries = entries
+        for name, (tname, attr) in self.attached.items():
+            if name in entries:
+                entries[name]["into"] = f"{tname}.{attr}"
         meta_extra = self._write_model_metadata(model_dir)
         write_replay(folder, records)
         self._write_rng(folder)
@@ -646,6 +727,11 @@ class TrainerRun(StepRun):
             write_json_atomic(model_dir / "metrics.json", json_safe(metrics))
             extra["metrics"] = json_safe(metrics)
         return extra
+
+
+def _variables(values: dict[str, Any]) -> dict[str, Any]:
+    """The outputs that are variables (not ``trainer.model``, saved for a Trainer built before the cell)."""
+    return {name: value for name, value in values.items() if name.isidentifier()}
 
 
 def _save_outputs(values: dict, folder: Path, placements: dict, not_saved: dict[str, str]) -> dict[str, dict]:
