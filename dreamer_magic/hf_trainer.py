@@ -60,6 +60,10 @@ def _status_callback_class() -> type:
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
             if logs and "loss" in logs:
                 self.live.loss(state.global_step, logs["loss"])
+            if logs and "eval_loss" in logs:  # validation loss: its own line on the card's curve
+                with contextlib.suppress(TypeError, ValueError):
+                    self.live.status.eval_losses.append((int(state.global_step), float(logs["eval_loss"])))
+                    self.live.changed(force=True)
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.live.checkpoint_saved(self.folder)

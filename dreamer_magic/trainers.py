@@ -397,6 +397,7 @@ class TrainerRun(StepRun):
         status.max_steps = meta.get("max_steps")
         status.eta = None
         status.losses = [(int(s), float(v)) for s, v in meta.get("losses") or []]
+        status.eval_losses = [(int(s), float(v)) for s, v in meta.get("eval_losses") or []]
         status.checkpoints = list_checkpoints(folder / CHECKPOINTS, validate=False)
         status.model_path = str(folder / MODEL)
         for name, kind in (meta.get("not_saved") or {}).items():
@@ -678,6 +679,7 @@ class TrainerRun(StepRun):
             "final_step": status.step,
             "max_steps": status.max_steps,
             "losses": _thin(status.losses, MAX_LOSS_POINTS),
+            "eval_losses": _thin(status.eval_losses, MAX_LOSS_POINTS),
             "resumed_from": status.resumed_from,
             "checkpoints": [c.name for c in list_checkpoints(folder / CHECKPOINTS, validate=False)],
             "model": MODEL,

@@ -543,3 +543,29 @@ def test_a_logging_dir_under_output_dir_is_redirected_too(ip, tmp_path):
     assert trainer_args.logging_dir == str(tmp_path / "output" / "logs" / "_checkpoints" / "runs" / "today")
     assert ip.user_ns["args"].logging_dir == "anything/runs/today", "the user's object is untouched"
     assert not (tmp_path / "anything").exists()
+
+
+def test_validation_loss_reaches_the_card_and_comes_back_on_a_hit(ip, tmp_path):
+    """An evaluating Trainer's eval_loss is drawn beside the training loss and kept in trainer.json."""
+    from _tiny import tiny_gpt2
+
+    model, tok = tiny_gpt2()
+    ip.user_ns.update(model=model, tok=tok)
+    cell = (
+        "from datasets import Dataset\n"
+        "from transformers import Trainer, TrainingArguments, DataCollatorForLanguageModeling\n"
+        "ds = Dataset.from_dict({'text': ['a b c d e f'] * 8}).map(lambda b: tok(b['text']), batched=True, remove_columns=['text'])\n"
+        "args = TrainingArguments(output_dir='ignored', max_steps=4, eval_strategy='steps', eval_steps=2, logging_steps=1,\n"
+        "                         per_device_train_batch_size=4, save_steps=4, use_cpu=True)\n"
+        "trainer = Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ds,\n"
+        "                  data_collator=DataCollatorForLanguageModeling(tok, mlm=False))\n"
+        "trainer.train()\n"
+    )
+    ip.run_cell_magic("dreamer_train", "with-eval", cell)
+    status = ip._dreamer_magics._last_status
+    assert [s for s, _ in status.eval_losses] == [2, 4], status.eval_losses
+    meta = json.loads((tmp_path / "output" / "with-eval" / "trainer.json").read_text())
+    assert [s for s, _ in meta["eval_losses"]] == [2, 4]
+    ip.run_cell_magic("dreamer_train", "with-eval", cell)
+    hit = ip._dreamer_magics._last_status
+    assert hit.state == "loaded from disk" and hit.eval_losses == status.eval_losses
