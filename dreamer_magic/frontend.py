@@ -243,6 +243,7 @@ class _Tee:
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 OWN_MARK = "dreamer_magic"  # display metadata key of this package's status cards
+WIDGET_FINAL = "dreamer_magic_widget_final_state"  # metadata of a live widget replayed as its final state
 
 
 class _Recording:
@@ -300,6 +301,8 @@ class _Recording:
                 rec.clear()  # closed or hidden: the cell no longer showed it
             else:
                 rec["data"] = static
+                # replayed as the final state of what was a live widget (marked for readers of the notebook)
+                rec["metadata"] = {**(rec.get("metadata") or {}), WIDGET_FINAL: True}
         self.widgets.clear()
         kept = []
         for rec in self.records:

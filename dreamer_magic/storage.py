@@ -1364,6 +1364,7 @@ def _save_pretrained(value: Any, target: Target) -> dict:
     }
     if is_module(value):
         entry["module"] = True
+        entry["training"] = bool(getattr(value, "training", False))  # a hit leaves the mode as the run did
         with contextlib.suppress(StopIteration, AttributeError):
             entry["device"] = str(next(value.parameters()).device)
     return entry
@@ -1377,6 +1378,8 @@ def _load_pretrained(path: Path, entry: dict, context: LoadContext) -> Any:
         raise StorageError(
             f"cannot load `{context.name}` ({entry.get('type')}) from {path}: {type(e).__name__}: {e}"
         ) from e
+    if is_module(value) and "training" in entry:
+        value.train(bool(entry["training"]))
     device = entry.get("device")
     if device and device != "cpu" and is_module(value):
         with contextlib.suppress(Exception):

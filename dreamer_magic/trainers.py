@@ -379,6 +379,7 @@ class TrainerRun(StepRun):
             try:
                 with torch.no_grad():
                     current.load_state_dict(loaded.state_dict())
+                current.train(loaded.training)  # the mode the run left it in
                 loaded = current
             except Exception:  # noqa: BLE001 - another architecture: hand the Trainer the loaded model
                 trainer.model = trainer.model_wrapped = loaded

@@ -79,6 +79,8 @@ def rich_outputs(cell) -> list[str]:
             continue
         if WIDGET_MIME in o.get("data", {}):
             continue
+        if o.get("metadata", {}).get("dreamer_magic_widget_final_state"):
+            continue  # a live widget of the first run (skipped above), replayed in its final state
         text = o["data"].get("text/plain", "")
         text = "".join(text) if isinstance(text, list) else text
         if not text.startswith("[dreamer] "):

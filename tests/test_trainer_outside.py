@@ -186,9 +186,11 @@ def test_two_run_alls_in_fresh_processes(tmp_path):
         "%%dreamer_train outside\ntrainer.train()",
         "%%dreamer_step after\nloss = trainer.evaluate(train_ds)['eval_loss']",
     ]
-    first = session(tmp_path, cells, dump=["loss", "trainer", "model"])
+    # `after` puts the model in eval mode (Trainer.evaluate): a Trainer cannot be saved, so a hit
+    # of `after` does not restore that change and says so; the values compared are the results.
+    first = session(tmp_path, cells, dump=["loss"])
     assert not first.errors and first.states == ["ran", "ran"], (first.errors, first.statuses)
-    second = session(tmp_path, cells, dump=["loss", "trainer", "model"])
+    second = session(tmp_path, cells, dump=["loss"])
     assert not second.errors, second.errors
     assert second.states == ["loaded from disk", "loaded from disk"], second.statuses
     assert second.same_values(first), (first.values, second.values)
