@@ -595,15 +595,7 @@ class Database:
             "created = excluded.created"
         )
         with self._lock:
-            conn = self._ensure_answer_columns()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(sql, data)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            _write_many(self._ensure_answer_columns(), sql, data)
         return len(data)
 
     def get(self, key: str) -> str | bytes | None:
@@ -655,16 +647,20 @@ class Database:
             "response = excluded.response, created = excluded.created"
         )
         with self._lock:
-            conn = self.connection
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(sql, data)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            _write_many(self.connection, sql, data)
         return len(data)
+
+
+def _write_many(conn: sqlite3.Connection, sql: str, data: list) -> None:
+    """One immediate transaction for a batch of upserts: all rows are committed, or none."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(sql, data)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def decode_json_many(values: Iterable[str]) -> list:

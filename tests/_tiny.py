@@ -71,3 +71,21 @@ def save_tiny_gpt2(path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def weights(model) -> dict:
+    """A copy of a model's state dict, to compare weights before and after."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def logged(path: Path) -> list:
+    """The JSON lines a training cell wrote to ``LOSS_FILE``."""
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -17,7 +17,7 @@ import pytest
 
 from _run_trainer import lm_dataset
 from _session import session
-from _tiny import tiny_gpt2
+from _tiny import logged, same_weights, tiny_gpt2, weights
 from conftest import fresh_kernel
 from dreamer_magic.fingerprint import fingerprint
 from dreamer_magic.status import FAILED, LOADED, RAN
@@ -64,26 +64,12 @@ def train(ip, line: str = "outside", cell: str = TRAIN):
     return ip._dreamer_magics._last_status
 
 
-def weights(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    import torch
-
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.fixture
 def loss_file(tmp_path, monkeypatch):
     path = tmp_path / "losses.jsonl"
     monkeypatch.setenv("LOSS_FILE", str(path))
     monkeypatch.delenv("CRASH_AT", raising=False)
     return path
-
-
-def logged(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_redirected_watched_saved_and_reloaded_into_the_trainer(ip, tmp_path, loss_file):

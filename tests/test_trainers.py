@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from _run_trainer import lm_dataset, train_cell
-from _tiny import tiny_gpt2
+from _tiny import logged, same_weights, tiny_gpt2, weights
 from conftest import fresh_kernel
 from dreamer_magic import trainers
 from dreamer_magic.errors import DreamerError
@@ -35,16 +35,6 @@ def train(ip, line: str, cell: str):
     return ip._dreamer_magics._last_status
 
 
-def weights(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    import torch
-
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.fixture
 def loss_file(tmp_path, monkeypatch):
     path = tmp_path / "losses.jsonl"
@@ -52,10 +42,6 @@ def loss_file(tmp_path, monkeypatch):
     monkeypatch.delenv("KILL_AT", raising=False)
     monkeypatch.delenv("CRASH_AT", raising=False)
     return path
-
-
-def logged(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 # -- the whole life of a trainer ----------------------------------------------------------------
