@@ -103,6 +103,8 @@ class IPythonFrontend(Frontend):
         original_write = hook.write_format_data
         original_clear = pub.clear_output
         live_handles = [h for h in self._shown if h.live]
+        for handle in live_handles:  # the body is about to show things: the card goes live above them
+            handle.go_live()
 
         def publish(data: dict, metadata: dict | None = None, *a: Any, **kw: Any) -> Any:
             rec.display(data, metadata, kw.get("transient"), bool(kw.get("update")))
@@ -167,10 +169,16 @@ class IPythonFrontend(Frontend):
                 publish_display_data(rec["data"], rec.get("metadata") or {})
 
     def show(self, status: Status) -> Any:
-        """A live card in a Jupyter kernel, a text line elsewhere; ``finish()`` shows the final state."""
-        from .widgets import display_status
+        """A card in a Jupyter kernel, a text line elsewhere; ``finish()`` shows the final state.
 
-        handle = _Shown(self, display_status(status, live=self.live))
+        The card is static until the body runs (or the step waits for another kernel), when
+        :meth:`capture` makes it live: a hit, which only loads, never imports ipywidgets.
+        """
+        from .widgets import CardStatus, display_status, widgets_supported
+
+        live = widgets_supported() if self.live is None else self.live
+        inner = CardStatus(status) if live else display_status(status, live=False)
+        handle = _Shown(self, inner)
         self._shown.append(handle)
         return handle
 
@@ -184,6 +192,11 @@ class _Shown(StatusHandle):
         self.live = not isinstance(inner, TextStatus)
         self.pending: list | None = None
         self.finished = False
+
+    def go_live(self) -> None:
+        go_live = getattr(self.inner, "go_live", None)
+        if go_live is not None and not self.finished:
+            go_live()
 
     def cleared(self) -> None:
         redisplay = getattr(self.inner, "redisplay", None)
