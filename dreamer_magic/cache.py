@@ -89,6 +89,7 @@ __all__ = [
     "open_database",
     "remove_observer",
     "request_key",
+    "request_keys",
     "request_prefix",
     "session_counts",
     "session_savings",
@@ -193,6 +194,53 @@ def request_key(request_json: str) -> str:
     32
     """
     return _hash(request_json.encode("utf-8"))
+
+
+_KEY_MEMO: dict[tuple[str, str], dict[int, str]] = {}  # (prefix, suffix) -> prompt digest -> key
+KEY_MEMO_ENTRIES = 300_000  # keys remembered per (prefix, suffix): about 50 MB at most
+
+
+def request_keys(prefix: str, items: Sequence[str], suffix: str) -> list[str]:
+    """The keys of ``prefix + json_str(item) + suffix`` for each item, remembered for the next call.
+
+    Examples
+    --------
+    >>> prefix = request_prefix({"args": {"t": 0.7}}, "prompt")
+    >>> request_keys(prefix, ["hi"], "}") == [request_key(prefix + json_str("hi") + "}")]
+    True
+
+    The key is always the hash of the request's canonical JSON (:func:`request_key`);
+    building that JSON (escaping a 2,000-character prompt) costs ten times hashing the
+    prompt itself, so each key is remembered under the xxh3-128 digest of the prompt's
+    UTF-8 text: looking the same prompts up again (re-running a cell) hashes each prompt
+    once instead of escaping it. At most :data:`KEY_MEMO_ENTRIES` keys are kept per
+    ``(prefix, suffix)``, and only for the few most recent ones.
+
+    Raises
+    ------
+    TypeError
+        If an item is not a ``str``. ``UnicodeEncodeError`` if one holds a lone surrogate.
+    """
+    memo = _KEY_MEMO.get((prefix, suffix))
+    if memo is None:
+        if len(_KEY_MEMO) >= 4:
+            _KEY_MEMO.pop(next(iter(_KEY_MEMO)))
+        memo = _KEY_MEMO[(prefix, suffix)] = {}
+    digest = xxhash.xxh3_128_intdigest
+    try:
+        digests = [digest(p.encode()) for p in items]
+    except AttributeError:
+        raise TypeError("request_keys() takes strings") from None
+    keys = list(map(memo.get, digests))
+    if None in keys:
+        if len(memo) + len(items) > KEY_MEMO_ENTRIES:
+            memo.clear()
+        for i, key in enumerate(keys):
+            if key is None:
+                key = keys[i] = _hash(f"{prefix}{json_str(items[i])}{suffix}".encode())
+                if len(items) <= KEY_MEMO_ENTRIES:
+                    memo[digests[i]] = key
+    return keys  # type: ignore[return-value]
 
 
 def database_name(name: str, fingerprint: str | None = None) -> str:
@@ -423,8 +471,8 @@ class Database:
         return self._conn
 
     def _connect(self) -> sqlite3.Connection:
-        import sqlite_utils
-
+        # Plain sqlite3: importing sqlite_utils (pandas, click, ...) would cost the first
+        # lookup of a process ~0.3 s; it stays the documented way to read a database.
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _write_gitignore(self.path.parent)
         conn = sqlite3.connect(
@@ -433,27 +481,21 @@ class Database:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         conn.execute("PRAGMA cache_size = -131072")  # 128 MiB of page cache for batched lookups
         conn.execute("PRAGMA mmap_size = 1073741824")
-        db = sqlite_utils.Database(conn)
-        if db.journal_mode != "wal":
-            db.enable_wal()  # persistent; waits on the busy timeout if another process holds it
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = wal")  # persistent; waits on the busy timeout if another process holds it
         conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: safe against process crashes
         # Batches of random keys dirty many pages: checkpoint every 64 MiB of WAL instead of
         # every 4 MiB (a page rewritten by several batches is then copied back once).
         conn.execute("PRAGMA wal_autocheckpoint = 16384")
         conn.execute("PRAGMA journal_size_limit = 67108864")
-        if not db[TABLE].exists():
+        if not _has_table(conn, TABLE):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 # A rowid table: rows are appended in the order they are written and the key
                 # has its own narrow index. (WITHOUT ROWID made all-hit lookups ~20% faster
                 # but writes 2-4x slower and files 2.4x larger with realistic prompt sizes,
                 # as random keys scatter wide rows over half-empty pages.)
-                db.create_table(
-                    TABLE,
-                    {"key": str, "request": str, "response": str, "created": str},
-                    pk="key",
-                    if_not_exists=True,
-                )
+                conn.execute(_CREATE_TABLE)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -649,6 +691,18 @@ class Database:
         with self._lock:
             _write_many(self.connection, sql, data)
         return len(data)
+
+
+# The table as sqlite-utils' ``create_table`` writes it (databases made by earlier versions
+# read the same).
+_CREATE_TABLE = (
+    f"CREATE TABLE IF NOT EXISTS [{TABLE}] (\n   [key] TEXT PRIMARY KEY,\n   [request] TEXT,\n"
+    "   [response] TEXT,\n   [created] TEXT\n)"
+)
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
 
 def _write_many(conn: sqlite3.Connection, sql: str, data: list) -> None:

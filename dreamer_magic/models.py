@@ -109,9 +109,8 @@ def _non_str_error(items: list, what: str) -> DreamerError:
 
 def _keys_for(prefix: str, items: list[str], suffix: str, what: str) -> list[str]:
     """Cache keys of ``prefix + JSON(item) + suffix`` for each item (the hot loop)."""
-    h = _cache._hash
     try:
-        return [h(f"{prefix}{json_str(p)}{suffix}".encode()) for p in items]
+        return _cache.request_keys(prefix, items, suffix)
     except TypeError:
         raise _non_str_error(items, what) from None
     except UnicodeEncodeError:
