@@ -13,6 +13,8 @@ Prints medians over ``--repeats`` runs (the machine is shared: medians, not mini
   ``json.loads``) on the same database, given the keys already hashed (so it pays for
   less than ``generate`` does).
 * ``sqlitedict`` (DataDreamer's store) reading the same keys, already hashed.
+* Bytes per entry of the generation cache and of sqlitedict, same prompts and answers.
+* ``--first``: the first all-hit ``generate`` of a fresh process over the next one (CPU).
 * Writes of N fresh entries: ``Database.put_many`` in transactions of 1,000 rows, and
   ``LLM.generate`` end to end on N new prompts with an instant stand-in model
   (batch_size=1,000: one transaction per batch, as in real use).
@@ -78,6 +80,19 @@ for _ in range(2):
 print(json.dumps([times, "sqlite_utils" in sys.modules]))
 """
 FIRST_IMPORTS: list[str] = []
+
+
+def file_bytes(path: Path) -> int:
+    """The database's size with its WAL copied back (what it takes on disk at rest)."""
+    import sqlite3
+
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    finally:
+        conn.close()
+    wal = Path(str(path) + "-wal")
+    return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
 
 
 def first_call_ratios(work: Path, n: int, options: argparse.Namespace, repeats: int) -> list[float]:
@@ -200,6 +215,8 @@ def main() -> None:
     sd_s, sd_answers = median_time(lambda: [sd[k] for k in keys], max(1, min(repeats, 3)))
     assert sd_answers == answers
     sd.close()
+    ours_bytes = file_bytes(llm.database.path) / n
+    sd_bytes = file_bytes(Path(sd_path)) / n
 
     first_ratios = first_call_ratios(work, n, options, repeats) if options.first else []
 
@@ -222,6 +239,10 @@ def main() -> None:
     print(f"  Database.put_many, 1,000-row transactions        {put_s * 1e3:8.1f} ms {rate(put_s)}")
     print(f"  LLM.generate, stand-in model, batch_size=1,000   {gen_write_s * 1e3:8.1f} ms {rate(gen_write_s)}")
     print(f"  (target >= 50,000/s: {'met' if n / put_s >= 50_000 and n / gen_write_s >= 50_000 else 'NOT met'})")
+    print()
+    print("bytes per entry (file size after a checkpoint / entries), the same prompts and answers")
+    print(f"  generation cache {ours_bytes:8.1f}   sqlitedict (DataDreamer's store) {sd_bytes:8.1f}"
+          f"   ratio {ours_bytes / sd_bytes:.2f}x  (target <= 1.5x)")
     if first_ratios:
         print()
         print("first all-hit LLM.generate in a fresh process / the next one (same prompts), one process per round")

@@ -96,6 +96,9 @@ __all__ = [
 ]
 
 TABLE = "cache"
+SHARED = "shared"  # request parts shared by many rows (the model fingerprint, the generation arguments)
+REQUESTS_VIEW = "requests"  # every row with its full request JSON, for readers
+SCHEMA_VERSION = 2  # PRAGMA user_version; 1 (or 0) is the sqlite-utils table of full requests
 SUFFIX = ".sqlite"
 BUSY_TIMEOUT_S = 60.0
 CHECKPOINT_AFTER = 10_000  # rows written by one get_or_compute call that trigger a checkpoint
@@ -456,6 +459,8 @@ class Database:
         self._pid = -1
         self._lock = threading.RLock()
         self._answer_columns = -1  # the pid whose connection has the backends' columns
+        self._shared_ids: dict[tuple[str, str], int] = {}  # (prefix, suffix) -> id in the shared table
+        self._shared_pid = -1
 
     def __repr__(self) -> str:
         return f"Database({str(self.path)!r})"
@@ -468,6 +473,7 @@ class Database:
             self._conn = self._connect()
             self._pid = os.getpid()
             self._answer_columns = -1
+            self._shared_pid = -1  # ids of shared request parts are looked up again
         return self._conn
 
     def _connect(self) -> sqlite3.Connection:
@@ -488,18 +494,8 @@ class Database:
         # every 4 MiB (a page rewritten by several batches is then copied back once).
         conn.execute("PRAGMA wal_autocheckpoint = 16384")
         conn.execute("PRAGMA journal_size_limit = 67108864")
-        if not _has_table(conn, TABLE):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                # A rowid table: rows are appended in the order they are written and the key
-                # has its own narrow index. (WITHOUT ROWID made all-hit lookups ~20% faster
-                # but writes 2-4x slower and files 2.4x larger with realistic prompt sizes,
-                # as random keys scatter wide rows over half-empty pages.)
-                conn.execute(_CREATE_TABLE)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION or not _has_table(conn, TABLE):
+            _create_or_migrate(conn)
         return conn
 
     def close(self) -> None:
@@ -634,7 +630,7 @@ class Database:
             "created) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
             "request = excluded.request, response = excluded.response, meta = excluded.meta, "
             "prompt_tokens = excluded.prompt_tokens, completion_tokens = excluded.completion_tokens, "
-            "created = excluded.created"
+            "created = excluded.created, shared = NULL"  # the full request is in the row
         )
         with self._lock:
             _write_many(self._ensure_answer_columns(), sql, data)
@@ -668,7 +664,12 @@ class Database:
                 pass
 
     def put_many(self, rows: Iterable[tuple[str, str, str | bytes]]) -> int:
-        """Store ``(key, request JSON, response)`` rows in one transaction; returns how many.
+        """Store ``(key, request, response)`` rows in one transaction; returns how many.
+
+        ``request`` is the request's canonical JSON, or that JSON split in three,
+        ``(prefix, item JSON, suffix)``, where ``prefix`` and ``suffix`` are shared by many rows
+        (the model fingerprint and generation arguments): the row then keeps only the item's
+        JSON and the database the shared parts once (the ``requests`` view joins them back).
 
         Examples
         --------
@@ -680,17 +681,50 @@ class Database:
         rows survive an interrupt, a crash or ``kill -9`` of this process.
         """
         created = _now_iso()
-        data = [(k, q, r, created) for k, q, r in rows]
-        if not data:
+        rows = list(rows)
+        if not rows:
             return 0
         sql = (
-            f"INSERT INTO [{TABLE}] (key, request, response, created) VALUES (?, ?, ?, ?) "
+            f"INSERT INTO [{TABLE}] (key, request, response, created, shared) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT(key) DO UPDATE SET request = excluded.request, "
-            "response = excluded.response, created = excluded.created"
+            "response = excluded.response, created = excluded.created, shared = excluded.shared"
         )
         with self._lock:
-            _write_many(self.connection, sql, data)
+            conn = self.connection
+            data = self._compact(conn, rows, created)
+            _write_many(conn, sql, data)
         return len(data)
+
+    def _compact(self, conn: sqlite3.Connection, rows: list, created: str) -> list[tuple]:
+        """Rows as stored: a request given as ``(prefix, item JSON, suffix)`` keeps only the item
+        JSON and the id of its shared parts in the ``shared`` table (added once, committed)."""
+        ids = self._shared_ids if self._shared_pid == os.getpid() else {}
+        self._shared_ids, self._shared_pid = ids, os.getpid()
+        data = []
+        for key, request, response in rows:
+            if type(request) is tuple:
+                prefix, item, suffix = request
+                shared = ids.get((prefix, suffix))
+                if shared is None:
+                    shared = ids[(prefix, suffix)] = self._shared_id(conn, prefix, suffix)
+                data.append((key, item, response, created, shared))
+            else:
+                data.append((key, request, response, created, None))
+        return data
+
+    def _shared_id(self, conn: sqlite3.Connection, prefix: str, suffix: str) -> int:
+        sql = f"INSERT INTO [{SHARED}] (prefix, suffix) VALUES (?, ?) ON CONFLICT DO NOTHING"
+        _write_many(conn, sql, [(prefix, suffix)])
+        query = f"SELECT id FROM [{SHARED}] WHERE prefix = ? AND suffix = ?"
+        return conn.execute(query, (prefix, suffix)).fetchone()[0]
+
+    def request(self, key: str) -> str | None:
+        """The full request JSON stored under ``key`` (its shared parts put back), or ``None``."""
+        with self._lock:
+            row = self.connection.execute(
+                f"SELECT request FROM [{REQUESTS_VIEW}] WHERE key = ?", (key,)
+            ).fetchone()
+        return row[0] if row else None
 
 
 # The table as sqlite-utils' ``create_table`` writes it (databases made by earlier versions
@@ -699,6 +733,44 @@ _CREATE_TABLE = (
     f"CREATE TABLE IF NOT EXISTS [{TABLE}] (\n   [key] TEXT PRIMARY KEY,\n   [request] TEXT,\n"
     "   [response] TEXT,\n   [created] TEXT\n)"
 )
+_CREATE_SHARED = (
+    f"CREATE TABLE IF NOT EXISTS [{SHARED}] (\n   [id] INTEGER PRIMARY KEY,\n   [prefix] TEXT NOT NULL,\n"
+    "   [suffix] TEXT NOT NULL,\n   UNIQUE ([prefix], [suffix])\n)"
+)
+_CREATE_VIEW = (
+    f"CREATE VIEW IF NOT EXISTS [{REQUESTS_VIEW}] AS SELECT c.key AS key, "
+    "CASE WHEN c.shared IS NULL THEN c.request ELSE s.prefix || c.request || s.suffix END AS request, "
+    f"c.response AS response, c.created AS created FROM [{TABLE}] AS c LEFT JOIN [{SHARED}] AS s ON s.id = c.shared"
+)
+
+
+def _create_or_migrate(conn: sqlite3.Connection) -> None:
+    """Create the tables, or bring a database of an earlier schema up to :data:`SCHEMA_VERSION`.
+
+    Version 1 (sqlite-utils' table, full request JSON in every row) becomes version 2 by adding
+    the ``shared`` column, the ``shared`` table and the ``requests`` view: a cheap change in
+    place. Rows already stored keep their full request (``shared`` is NULL) and hit as before;
+    readers and writers of either version go on working with the other's rows.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION or not _has_table(conn, TABLE):
+            # A rowid table: rows are appended in the order they are written and the key
+            # has its own narrow index. (WITHOUT ROWID made all-hit lookups ~20% faster
+            # but writes 2-4x slower and files 2.4x larger with realistic prompt sizes,
+            # as random keys scatter wide rows over half-empty pages.)
+            conn.execute(_CREATE_TABLE)
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info([{TABLE}])")}
+            if "shared" not in columns:
+                conn.execute(f"ALTER TABLE [{TABLE}] ADD COLUMN [shared] INTEGER")
+            conn.execute(_CREATE_SHARED)
+            conn.execute(_CREATE_VIEW)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:
@@ -748,7 +820,7 @@ def get_or_compute(
     database: Database,
     keys: Sequence[str],
     compute: Callable[[list[str]], Sequence[str | bytes]],
-    requests: Callable[[list[str]], Sequence[str]],
+    requests: Callable[[list[str]], Sequence[str | tuple[str, str, str]]],
     *,
     batch_size: int,
     force: bool = False,

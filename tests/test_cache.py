@@ -102,7 +102,8 @@ def test_schema_wal_and_busy_timeout(db):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 30_000
     columns = [row[1] for row in conn.execute("PRAGMA table_info(cache)")]
-    assert columns == ["key", "request", "response", "created"]
+    assert columns == ["key", "request", "response", "created", "shared"]
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == cache.SCHEMA_VERSION == 2
     assert (db.path.parent / ".gitignore").is_file()
 
 
