@@ -65,9 +65,13 @@ def timed_cell(system: str, output_pickle: Path) -> str:
     return f"with open({str(output_pickle)!r}, 'rb') as _f:\n    kept = pickle.load(_f)\n"
 
 
+PACKAGE = [str(ROOT)]  # where dreamer_magic is imported from (--package: another checkout, to compare)
+
+
 def environment() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=f"{PACKAGE[0]}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", HF_HUB_OFFLINE="1")
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # a user's kernel runs cached bytecode
+    env["PYTHONPYCACHEPREFIX"] = str(WORK / "pycache")  # ... kept here, not in the checkouts
     return env
 
 
@@ -210,9 +214,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--shells", default="terminal,kernel")
     parser.add_argument("--dtypes", default="str,object")
+    parser.add_argument("--package", default=str(ROOT), help="the checkout whose dreamer_magic is measured")
     args = parser.parse_args()
+    PACKAGE[0] = str(Path(args.package).resolve())
     WORK.mkdir(parents=True, exist_ok=True)
-    compileall.compile_dir(str(ROOT / "dreamer_magic"), quiet=1)
+    sys.pycache_prefix = str(WORK / "pycache")
+    compileall.compile_dir(str(Path(PACKAGE[0]) / "dreamer_magic"), quiet=1)
     print(f"python {sys.version.split()[0]}, {args.rounds} rounds; ratios: median [min-max]")
     for shell in args.shells.split(","):
         for dtype in args.dtypes.split(","):

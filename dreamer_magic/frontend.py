@@ -146,14 +146,15 @@ class IPythonFrontend(Frontend):
     def replay(self, records: list) -> None:
         """Show recorded output again: streams as text, rich outputs through IPython's display.
 
-        Without a widget card (terminal IPython) the status line is printed first, then the
-        replayed output, as a run would read: what happened, then what the cell showed.
+        Where the status is not shown yet (terminal IPython prints its line at the end; a hit's
+        card in a kernel is displayed when it ends) it is shown first, then the replayed output,
+        as a run would read: what happened, then what the cell showed.
         """
         runs = active_runs()
         status = runs[-1].status if runs else None
         for handle in reversed(self._shown):
-            if handle.status is status and not handle.live and not handle.finished:
-                handle.pending = records  # shown by finish(), after the status line
+            if handle.status is status and not handle.finished and not getattr(handle.inner, "shown", handle.live):
+                handle.pending = records  # shown by finish(), after the status line or card
                 return
         self._replay(records)
 
@@ -171,8 +172,9 @@ class IPythonFrontend(Frontend):
     def show(self, status: Status) -> Any:
         """A card in a Jupyter kernel, a text line elsewhere; ``finish()`` shows the final state.
 
-        The card is static until the body runs (or the step waits for another kernel), when
-        :meth:`capture` makes it live: a hit, which only loads, never imports ipywidgets.
+        The card is displayed live when the body is about to run (:meth:`capture`) or the step
+        waits for another kernel, else once, static, when the cell ends: a hit, which only
+        loads, never imports ipywidgets and publishes one display.
         """
         from .widgets import CardStatus, display_status, widgets_supported
 
