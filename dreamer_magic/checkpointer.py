@@ -19,14 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from . import steps
 from .checkpoints import STATE_FILE, checkpoint_step, is_main_process, latest_checkpoint, list_checkpoints, read_state
 from .errors import DreamerError, PickleRefusedError
-from .folders import read_json, write_folder
+from .folders import discard, read_json, write_folder
 from .status import Status
 
 __all__ = ["Checkpointer", "active_trainer"]
@@ -233,7 +232,8 @@ class Checkpointer:
             return
         complete = [c for c in list_checkpoints(self.folder) if c.complete]
         for old in complete[: -self.keep]:
-            shutil.rmtree(self.folder / old.name, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                discard(self.folder / old.name)  # renamed first: a kill never leaves half a checkpoint-N
 
 
 # -- torch helpers --------------------------------------------------------------------------------

@@ -444,12 +444,13 @@ class OutputFolder:
         """Remove leftovers of interrupted operations on ``final``. Call while holding its lock.
 
         They are its temporary folders and trash beside it (``.<name>.tmp-<pid>-<random>``,
-        ``.<name>.trash-<random>``) and the trash among its backups. Returns how many.
+        ``.<name>.trash-<random>``), the trash among its backups, and a trainer's checkpoints
+        that were being written or replaced (``_checkpoints/.checkpoint-N.tmp-…``). Returns how many.
         """
         return len(self.sweep(final))
 
-    def sweep(self, final: Path, *, deep: bool = False) -> list[Path]:
-        """Delete what interrupted operations on ``final`` left; returns what was deleted.
+    def sweep(self, final: Path, *, deep: bool = False) -> dict[Path, int]:
+        """Delete what interrupted operations on ``final`` left; returns what was deleted (bytes freed).
 
         Only names this module makes are touched (see :func:`leftover_kind`), and only those of
         this step or trainer: call while holding its lock, so none of them is in use. ``deep``
@@ -464,15 +465,16 @@ class OutputFolder:
             backups = self.backup_dir(final.relative_to(self.root).as_posix())
             if backups.is_dir() and not backups.is_symlink() and is_inside(backups, self.root):
                 found += [p for p in backups.iterdir() if leftover_kind(p.name) in ("temporary", "trash")]
+        checkpoints = final / "_checkpoints"  # a trainer's: checkpoints being written or replaced when it was killed
+        if checkpoints.is_dir() and not final.is_symlink() and not checkpoints.is_symlink():
+            found += [p for p in checkpoints.iterdir() if leftover_kind(p.name) in ("temporary", "trash")]
         if deep and final.is_dir() and not final.is_symlink():
             for dirpath, dirnames, filenames in os.walk(final):
                 for name in dirnames + filenames:
                     if leftover_kind(name):
                         found.append(Path(dirpath, name))
                 dirnames[:] = [d for d in dirnames if not leftover_kind(d)]
-        for path in found:
-            remove_path(path)
-        return found
+        return {path: remove_path(path) for path in dict.fromkeys(found)}
 
     # -- commit, backup, restore ------------------------------------------------------
     def commit(self, tmp: Path, final: Path, name_path: str, meta_file: str, meta: dict) -> str | None:
@@ -654,8 +656,9 @@ class OutputFolder:
         """Sweep one step's leftovers and prune its backups (its lock is held)."""
         final = self.path(name)
         self._leads_out(final, report)  # a symlinked step folder: swept beside, never inside
-        for path in self.sweep(final, deep=True):
+        for path, size in self.sweep(final, deep=True).items():
             report.swept.append(str(path.relative_to(self.root)))
+            report.freed += size
         if self._leads_out(self.root / BACKUPS, report) or self._leads_out(self.backup_dir(name), report):
             return
         for backup_name in [n for n in self.backed_up_names() if n == name or n.startswith(name + "/")]:

@@ -57,10 +57,13 @@ def test_checkpointer_resume_refuses_a_pickle_when_allow_pickle_is_off(ip, tmp_p
     monkeypatch.delenv("CRASH_AT")
     marker = tmp_path / "PWNED"
     plant(tmp_path / "output/loop/_checkpoints/checkpoint-5/optimizer.pt", marker)
+    killed_save = tmp_path / "output/loop/_checkpoints/.checkpoint-10.tmp-4242-0badc0de"  # a save that was killed
+    killed_save.mkdir()
     ip.run_line_magic("config", "DreamerMagics.allow_pickle = False")
     with pytest.raises(UsageError, match=r"checkpoint-5/optimizer.pt .*full unpickle.*allow_pickle = True.*--no-resume"):
         ip.run_cell_magic("dreamer_train", "loop", PLAIN)
     assert not marker.exists()
+    assert not killed_save.exists()  # the next run sweeps it, under the trainer's lock
     # the way on the message gives: train from the start
     ip.run_cell_magic("dreamer_train", "loop --no-resume", PLAIN)
     assert ip._dreamer_magics._last_status.state == RAN and not marker.exists()
