@@ -10,7 +10,10 @@ Layout (SPEC §2)::
       .locks/            one lock file per step or trainer (fcntl; released when a process dies)
 
 A folder is written under a temporary name (``.<name>.tmp-<pid>-<random>``) and renamed into
-place; a folder without a valid metadata file is never treated as complete.
+place; a folder without a valid metadata file is never treated as complete. A folder is deleted
+by renaming it to a trash name (``.<name>.trash-<random>``) first; what a killed operation leaves
+under those names is swept by the next run of that step or by ``%dreamer gc`` (docs/ARCHITECTURE.md,
+"Crash safety").
 
 Examples
 --------
