@@ -637,12 +637,13 @@ class OutputFolder:
         report = GcReport()
         if not self.root.is_dir():
             return report
+        prune = not self._leads_out(self.root / BACKUPS, report)
         for name in self._gc_names():
             with self.try_lock(name) as held:
                 if not held:
                     report.busy.append(name)
                     continue
-                self._gc_one(name, keep, report)
+                self._gc_one(name, keep if prune else None, report)
         return report
 
     def _gc_names(self) -> list[str]:
@@ -655,14 +656,14 @@ class OutputFolder:
                 names.add(match["of"])
         return sorted(names)
 
-    def _gc_one(self, name: str, keep: int, report: GcReport) -> None:
-        """Sweep one step's leftovers and prune its backups (its lock is held)."""
+    def _gc_one(self, name: str, keep: int | None, report: GcReport) -> None:
+        """Sweep one step's leftovers and prune its backups to ``keep`` (``None``: leave them); its lock is held."""
         final = self.path(name)
         self._leads_out(final, report)  # a symlinked step folder: swept beside, never inside
         for path, size in self.sweep(final, deep=True).items():
             report.swept.append(str(path.relative_to(self.root)))
             report.freed += size
-        if self._leads_out(self.root / BACKUPS, report) or self._leads_out(self.backup_dir(name), report):
+        if keep is None or self._leads_out(self.backup_dir(name), report):
             return
         for backup_name in [n for n in self.backed_up_names() if n == name or n.startswith(name + "/")]:
             for _, path, _ in self.backups(backup_name)[keep:]:

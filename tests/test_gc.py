@@ -108,3 +108,19 @@ def test_gc_leaves_a_step_another_process_holds_alone(ip, tmp_path, capsys):
     ip.run_line_magic("dreamer", "gc")
     assert "removed 1 backup," in capsys.readouterr().out
     assert list((out / "_backups" / "s").iterdir()) == []
+
+
+def test_gc_leaves_a_backups_folder_that_is_a_symlink_alone(tmp_path):
+    from dreamer_magic.folders import OutputFolder
+
+    elsewhere = tmp_path / "big-disk" / "s" / "0123abcd"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "step.json").write_text('{"fingerprint": "0123abcd", "outputs": {}}')
+    (elsewhere.parent / ".0123abcd.trash-0badc0de").mkdir()
+    out = OutputFolder(tmp_path / "output")
+    out.ensure()
+    (out.root / "_backups").symlink_to(tmp_path / "big-disk", target_is_directory=True)
+    report = out.gc()
+    assert report.removed == [] and report.refused == ["_backups"]
+    assert (elsewhere / "step.json").exists() and (elsewhere.parent / ".0123abcd.trash-0badc0de").exists()
+    assert "left _backups alone" in "\n".join(report.lines())
