@@ -92,7 +92,7 @@ from .checkpoints import (
 )
 from .errors import DreamerError, StorageError
 from .fingerprint import fingerprint, json_safe, model_fingerprint
-from .folders import OutputFolder, fsync_tree, now_iso, read_json, read_meta, write_json_atomic
+from .folders import OutputFolder, fsync_tree, now_iso, read_json, read_meta, saving_into, write_json_atomic
 from .hf_trainer import is_trainer as _is_hf_trainer, patched_trainer
 from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, Status, resumed_from
 from .steps import (
@@ -411,7 +411,13 @@ class TrainerRun(StepRun):
         __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status, spec = self.status, self.spec
         if self.main:
-            self._prepare_folder(components, fp)
+            try:
+                with saving_into(self.out.root, f"trainer {spec.name!r}"):
+                    self._prepare_folder(components, fp)
+            except DreamerError as e:
+                status.state = FAILED
+                status.error = str(e)
+                raise
         self._note_outside_seed()
         self.live.begin(0, None)
         records: list = []
@@ -533,7 +539,7 @@ class TrainerRun(StepRun):
             return "this process saves nothing"
         if self.final.exists() and list_checkpoints(self.final / CHECKPOINTS, validate=False):
             return "the checkpoints are kept: run the cell again to resume"
-        return "nothing was saved"
+        return "nothing saved, the previous result is kept"
 
     def _after_failure(self) -> None:
         """Keep checkpoints for resuming; with none, put the previous folder back as it was."""
@@ -667,7 +673,9 @@ class TrainerRun(StepRun):
         meta_extra = self._write_model_metadata(model_dir)
         write_replay(folder, records)
         self._write_rng(folder)
-        fsync_tree(model_dir)
+        for written in (MODEL, "_outputs", "_dataset", REPLAY_FILE, steps.RNG_FILE):  # data first, then trainer.json
+            if (folder / written).exists():
+                fsync_tree(folder / written)
         trained = self._trained_inputs()
         marker = read_json(self.marker) or {}
         status = self.status
