@@ -337,7 +337,8 @@ class TrainerRun(StepRun):
                 records.append(read_json(child / TRAINER_FILE) or read_json(child / IN_PROGRESS))
         pairs: dict[str, str] = {}
         for record in records:
-            for pair in ((record or {}).get("trained") or {}).values():
+            trained = (record or {}).get("trained")
+            for pair in (trained.values() if isinstance(trained, dict) else ()):  # a hand-edited record: ignored
                 if isinstance(pair, dict) and isinstance(pair.get("after"), str) and isinstance(pair.get("before"), str):
                     pairs.setdefault(pair["after"], pair["before"])
         return pairs
