@@ -431,6 +431,7 @@ class Database:
                 if _error_kind(e) != "damaged" or not self._set_aside(e):
                     raise
                 conn = self._connect()
+            _busy(conn, min(WAIT_NOTE_AFTER_S, BUSY_TIMEOUT_S))  # longer waits say so first (_write_waiting)
             self._conn = conn
             self._pid = os.getpid()
             self._answer_columns = -1
@@ -542,6 +543,7 @@ class Database:
             return conn
         have = {row[1] for row in conn.execute(f"PRAGMA table_info([{TABLE}])")}
         if any(name not in have for name, _ in _ANSWER_COLUMNS):
+            _busy(conn, BUSY_TIMEOUT_S)  # once per process: wait as long as it takes
             conn.execute("BEGIN IMMEDIATE")
             try:
                 have = {row[1] for row in conn.execute(f"PRAGMA table_info([{TABLE}])")}
@@ -553,6 +555,8 @@ class Database:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            finally:
+                _busy(conn, min(WAIT_NOTE_AFTER_S, BUSY_TIMEOUT_S))
         self._answer_columns = os.getpid()
         return conn
 
@@ -698,27 +702,35 @@ class Database:
             self._keep(sql, data, answers, error, kind or "unwritable")
 
     def _write_waiting(self, conn: sqlite3.Connection, sql: str, data: list) -> None:
-        """One transaction; if another process holds the write lock, say so, then wait for it."""
-        full = float(BUSY_TIMEOUT_S)
-        first = 0.0 if self._unwritten else min(WAIT_NOTE_AFTER_S, full)
-        _busy(conn, first)
+        """One transaction; if another process holds the write lock, say so, then wait for it.
+
+        The connection waits :data:`WAIT_NOTE_AFTER_S` for a lock by itself (no statement more
+        per write); only a longer wait changes its busy timeout, and rows already kept in
+        memory mean not waiting at all (the lock was held past the timeout a moment ago).
+        """
+        short = min(WAIT_NOTE_AFTER_S, BUSY_TIMEOUT_S)
+        changed = bool(self._unwritten)
+        if changed:
+            _busy(conn, 0.0)
         try:
             try:
                 _write_many(conn, sql, data)
                 return
             except sqlite3.OperationalError as e:
-                if _error_kind(e) != "busy" or self._unwritten or first >= full:
+                if _error_kind(e) != "busy" or self._unwritten or short >= BUSY_TIMEOUT_S:
                     raise
             _note(
                 f"the generation cache {self.name!r} is locked by another process: waiting up to "
-                f"{full - first:.0f} s more to write {len(data)} result{'s' if len(data) != 1 else ''} "
+                f"{BUSY_TIMEOUT_S - short:.0f} s more to write {len(data)} result{'s' if len(data) != 1 else ''} "
                 "(they are returned either way)"
             )
-            _busy(conn, full - first)
+            changed = True
+            _busy(conn, BUSY_TIMEOUT_S - short)
             _write_many(conn, sql, data)
         finally:
-            with contextlib.suppress(sqlite3.Error):
-                _busy(conn, full)
+            if changed:
+                with contextlib.suppress(sqlite3.Error):
+                    _busy(conn, short)
 
     def _keep(self, sql: str, data: list, answers: bool, error: BaseException, kind: str) -> None:
         first = not self._unwritten
@@ -755,7 +767,7 @@ class Database:
         finally:
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):
-                    _busy(conn, BUSY_TIMEOUT_S)
+                    _busy(conn, min(WAIT_NOTE_AFTER_S, BUSY_TIMEOUT_S))
         self._unwritten_responses.clear()
         _BEHIND.discard(self)
         _note(f"the {rows} result{'s' if rows != 1 else ''} kept in memory are now written to the generation cache {self.name!r}")
@@ -952,6 +964,20 @@ def _lookup(database: Database, keys: Sequence[str], decode_json: bool) -> dict[
                 raise
             if kind == "damaged" and attempt == 1 and database._set_aside(e):
                 continue
+            if kind == "busy" and attempt == 1:  # rare in WAL (a crash recovery): wait as a write does
+                _note(f"the generation cache {database.name!r} is locked by another process: waiting to read it")
+                with database._lock:
+                    _busy(database.connection, BUSY_TIMEOUT_S)
+                try:
+                    found = database.get_json_many(keys) if decode_json else database.get_many(keys)
+                    break
+                except (sqlite3.Error, OSError) as again:
+                    if _error_kind(again) is None:
+                        raise
+                    e = again
+                finally:
+                    with database._lock, contextlib.suppress(sqlite3.Error):
+                        _busy(database.connection, min(WAIT_NOTE_AFTER_S, BUSY_TIMEOUT_S))
             _note(f"the generation cache {database.name!r} cannot be read ({e}): computing the results instead")
             break
     if database._unwritten_responses and len(found) < len(keys):
