@@ -42,6 +42,16 @@ Several processes at once
     a UNIQUE error when two writers race on one key. Each :meth:`Database.put_many` is one
     transaction, so every finished batch survives an interrupt or ``kill -9``.
 
+When the disk or another process says no
+    A computed result is always returned. A write waits :data:`WAIT_NOTE_AFTER_S` for
+    another process's lock quietly, then says so (:class:`~dreamer_magic.errors.CacheWarning`)
+    and waits up to :data:`BUSY_TIMEOUT_S` in all; if the lock is still held, the disk is full
+    or the file cannot be written, the rows are kept in memory (lookups in this process see
+    them) and written with the next write or at exit (:meth:`Database.flush`). A damaged file
+    ("file is not a database", "malformed") is renamed ``<name>.sqlite.damaged-<time>`` (its
+    WAL with it) and a new one started, with one warning; a file deleted while in use (``.cache``
+    removed) is created again before the next write.
+
 Lookups
     The table keeps its rows in write order (appends are cheap and pages full). A batched
     lookup finds the rowids through the key index, then reads the rows in rowid order and

@@ -320,7 +320,6 @@ _META_TYPES: dict[str, tuple[type, ...]] = {
     "kind": (str,),
     "source": (str,),
     "created": (str,),
-    "version": (str,),
     "parent": (str,),
     "duration": (int, float),
     "components": (dict,),
@@ -336,8 +335,8 @@ _META_TYPES: dict[str, tuple[type, ...]] = {
     "checkpoints": (list,),
     "not_saved": (dict,),
     "trained": (dict,),
-    "final_step": (int,),
-    "max_steps": (int,),
+    "final_step": (int, float),
+    "max_steps": (int, float),
 }
 _COMPONENT_TYPES: dict[str, tuple[type, ...]] = {"inputs": (dict,), "libraries": (dict,), "source": (str,)}
 
