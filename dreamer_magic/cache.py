@@ -438,15 +438,33 @@ class Database:
             try:
                 conn = self._connect()
             except sqlite3.DatabaseError as e:  # "file is not a database": set it aside, start anew
-                if _error_kind(e) != "damaged" or not self._set_aside(e):
+                kind = _error_kind(e)
+                if kind == "unwritable" and self.path.is_file():  # a read-only folder: lookups still work
+                    conn = self._connect_read_only(e)
+                elif kind != "damaged" or not self._set_aside(e):
                     raise
-                conn = self._connect()
+                else:
+                    conn = self._connect()
             _busy(conn, min(WAIT_NOTE_AFTER_S, BUSY_TIMEOUT_S))  # longer waits say so first (_write_waiting)
             self._conn = conn
             self._pid = os.getpid()
             self._answer_columns = -1
             self._file_id = _file_id(self.path)
         return self._conn
+
+    def _connect_read_only(self, error: BaseException) -> sqlite3.Connection:
+        """A read-only connection to a database that cannot be opened for writing (a read-only
+        output folder): lookups work, and writes are kept in memory (:meth:`_store`)."""
+        from urllib.parse import quote
+
+        for mode in ("mode=ro", "immutable=1"):  # immutable: not even the WAL index can be written
+            conn = sqlite3.connect(f"file:{quote(str(self.path))}?{mode}", uri=True, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute(f"SELECT 1 FROM [{TABLE}] LIMIT 1").fetchall()
+                return conn
+            except sqlite3.Error:
+                conn.close()
+        raise error
 
     def _connect(self) -> sqlite3.Connection:
         import sqlite_utils

@@ -166,7 +166,7 @@ def test_a_full_disk_drops_no_result_and_the_rows_are_written_once_there_is_room
     finally:
         api.database().close()
         if mounted:
-            subprocess.run(["umount", str(folder)], check=True)
+            subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def test_a_damaged_database_is_set_aside_with_one_warning_and_rebuilt(api, output):

@@ -13,6 +13,7 @@ import pytest
 from IPython.core.error import UsageError
 
 from dreamer_magic import last_status
+from dreamer_magic.errors import CacheWarning
 from dreamer_magic.folders import NAME_MAX_BYTES, meta_shape_problem
 
 
@@ -109,25 +110,33 @@ def test_meta_shape_problem_accepts_what_steps_write_and_names_what_is_wrong():
     assert meta_shape_problem({"fingerprint": "f", "components": {"libraries": []}}) == "`components.libraries` is not an object"
 
 
+def can_mount() -> bool:
+    return os.geteuid() == 0 and not os.environ.get("DREAMER_TEST_NO_MOUNT")
+
+
 @contextlib.contextmanager
 def read_only(path):
     """``path`` read-only for real: a read-only bind mount of it onto itself (root only)."""
-    done = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot bind-mount here ({done.stderr.decode().strip()}): no read-only folder to test with")
+    done = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True) if can_mount() else None
+    if done is None or done.returncode != 0:
+        pytest.skip("cannot bind-mount here: test_a_read_only_folder_simulated_at_the_os_layer covers it")
     try:
         subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True, capture_output=True)
         yield
     finally:
-        subprocess.run(["umount", str(path)], check=True)
+        subprocess.run(["umount", "-l", str(path)], check=True)  # lazy: never left mounted
 
 
 def test_a_read_only_output_folder_still_hits_and_a_miss_says_it_is_read_only(ip, tmp_path):
     assert run(ip, "s", "y = 1") == "ran"
     assert run(ip, "s", "y = 2") == "ran"  # y = 1 is now a backup
     assert run(ip, "t", "m = 1", magic="dreamer_train") == "ran"
+    ip.run_cell("from dreamer_magic import cached\ncalls = []\n@cached('api')\ndef double(x):\n    calls.append(x)\n    return 2 * x\ndouble(1)")
+    ip.run_cell("double.database().close()")  # a fresh kernel, as far as the cache knows
     output = tmp_path / "output"
     with read_only(output):
+        with pytest.warns(CacheWarning, match="could not be written"):
+            assert ip.ev("double(1), double(2)") == (2, 4) and ip.user_ns["calls"] == [1, 2]  # a hit reads
         with pytest.raises(OSError):
             (output / "probe").write_text("x")
         assert run(ip, "s", "y = 2") == "loaded from disk" and ip.user_ns["y"] == 2
@@ -138,6 +147,53 @@ def test_a_read_only_output_folder_still_hits_and_a_miss_says_it_is_read_only(ip
             with pytest.raises(UsageError, match=r"^the output folder '.*' is read-only \(Read-only file system\).*`%dreamer output PATH`$"):
                 run(ip, "new", "z = 3", magic=magic)
         assert "complete" in ip.run_line_magic("dreamer", "status").text
+        ip.run_cell("double.database().close()")  # let go of the file, so that it can be unmounted
+    with pytest.warns(CacheWarning, match="now written"):
+        assert ip.ev("double.database().flush()") == 0  # writable again: the kept result is written
+
+
+READ_ONLY_HOOK = """
+import errno, os, sys
+_root = os.path.realpath(os.path.join(os.getcwd(), "output"))
+
+def _read_only(event, args):  # what a read-only mount answers, for every write Python makes under it
+    if event == "open":
+        path, mode, flags = args
+        writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(
+            (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC))
+        paths = [path] if writes else []
+    elif event in ("os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "os.link", "os.symlink", "os.truncate"):
+        paths = [] if event == "os.mkdir" and os.path.exists(args[0]) else [args[0]]  # mkdir of what exists: EEXIST
+    elif event == "os.rename":
+        paths = list(args[:2])
+    else:
+        return
+    for path in paths:
+        if isinstance(path, (str, bytes, os.PathLike)) and os.path.realpath(os.fsdecode(path)).startswith(_root):
+            raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(path))
+
+sys.addaudithook(_read_only)
+"""
+
+
+def test_a_read_only_folder_simulated_at_the_os_layer(tmp_path):
+    """Where no read-only mount can be made (not root), the same checks in a child process whose
+    every write under the output folder fails with EROFS, as a read-only mount's would."""
+    if can_mount():
+        pytest.skip("a real read-only bind mount is tested instead")
+    from _session import session
+
+    first = session(tmp_path, ["%%dreamer_step s\ny = 1", "%%dreamer_step s\ny = 2", "%%dreamer_train t\nm = 1"])
+    assert first.states == ["ran", "ran", "ran"], first.errors
+    second = session(
+        tmp_path,
+        [READ_ONLY_HOOK, "%%dreamer_step s\ny = 2", "%%dreamer_step s\ny = 1", "%%dreamer_train t\nm = 1",
+         "%%dreamer_step new\nz = 3", "%%dreamer_train new2\nz = 3", "%dreamer status"],
+        dump=["y", "m"],
+    )
+    assert second.states == ["loaded from disk", "restored from backup", "loaded from disk", "failed", "failed"], second.errors
+    assert second.values["y"]["repr"] == "1" and second.values["m"]["repr"] == "1"
+    assert len(second.errors) == 2 and all("is read-only (Read-only file system)" in e for e in second.errors), second.errors
 
 
 def test_return_yield_break_await_name_the_editor_line_before_anything_runs(ip, tmp_path, capsys):
