@@ -208,26 +208,27 @@ def why(
     """
     if meta is None:
         return [Reason.first_run(problem)]
-    old = meta.get("components") or {}
+    old = _dict(meta.get("components"))  # a hand-edited record counts as "changed", never a traceback
     reasons = []
     if old.get("format") != components.get("format"):
         reasons.append(Reason.format_changed())
     if old.get("source") != components.get("source"):
-        changes = line_changes(meta.get("source", ""), source, first_line=first_line)
+        before = meta.get("source")
+        changes = line_changes(before if isinstance(before, str) else "", source, first_line=first_line)
         reasons.append(Reason.code_changed(Reason.code_line(*change) for change in changes))
-    old_inputs, new_inputs = old.get("inputs") or {}, components.get("inputs") or {}
-    old_previews, new_previews = meta.get("input_previews") or {}, previews or {}
+    old_inputs, new_inputs = _dict(old.get("inputs")), components.get("inputs") or {}
+    old_previews, new_previews = _dict(meta.get("input_previews")), previews or {}
     for name in new_inputs:
         if name not in old_inputs:
             reasons.append(Reason.input_added(name))
         elif old_inputs[name] != new_inputs[name]:
-            reasons.append(_input_reason(name, old_previews.get(name) or {}, new_previews.get(name) or {}))
+            reasons.append(_input_reason(name, _dict(old_previews.get(name)), new_previews.get(name) or {}))
     for name in old_inputs:
         if name not in new_inputs:
             reasons.append(Reason.input_gone(name))
     if old.get("version") != components.get("version"):
         reasons.append(Reason.version_changed(old.get("version"), components.get("version")))
-    old_libs, new_libs = old.get("libraries") or {}, components.get("libraries") or {}
+    old_libs, new_libs = _dict(old.get("libraries")), components.get("libraries") or {}
     for lib in sorted(set(old_libs) | set(new_libs)):
         if old_libs.get(lib) != new_libs.get(lib):
             reasons.append(Reason.library_changed(lib, old_libs.get(lib), new_libs.get(lib)))
@@ -238,6 +239,10 @@ def why(
     if old.get("kind") != components.get("kind"):
         reasons.append(Reason.kind_changed(str(old.get("kind")), str(components.get("kind"))))
     return reasons or [Reason.note("fingerprint changed")]
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 class _Tee:

@@ -508,7 +508,7 @@ class TrainerRun(StepRun):
                 "components": components,
                 "source": spec.source,
                 "started": previous.get("started") if self._resumed else now_iso(),
-                "attempts": int(previous.get("attempts") or 0) + 1 if self._resumed else 1,
+                "attempts": _whole(previous.get("attempts")) + 1 if self._resumed else 1,
                 "pid": os.getpid(),
                 "trained": previous.get("trained") or {} if self._resumed else {},
             },
@@ -739,6 +739,11 @@ class TrainerRun(StepRun):
             write_json_atomic(model_dir / "metrics.json", json_safe(metrics))
             extra["metrics"] = json_safe(metrics)
         return extra
+
+
+def _whole(value: Any) -> int:
+    """A count read back from a marker a person may have edited (anything else counts as 0)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _variables(values: dict[str, Any]) -> dict[str, Any]:

@@ -108,6 +108,11 @@ def test_meta_shape_problem_accepts_what_steps_write_and_names_what_is_wrong():
     assert meta_shape_problem({"fingerprint": "f", "outputs": {"y": {"path": None, "type": "int"}}, "duration": 0}) is None
     assert meta_shape_problem({"fingerprint": "f", "final_step": True}) == "`final_step` is not a number"
     assert meta_shape_problem({"fingerprint": "f", "components": {"libraries": []}}) == "`components.libraries` is not an object"
+    # records read without that check (a trainer's .in-progress.json) still explain, never raise
+    from dreamer_magic.steps import why
+
+    for record in ({"components": [1], "source": 3}, {"components": {"inputs": ["x"], "libraries": 2}, "input_previews": []}):
+        assert why({"fingerprint": "f", **record}, {"format": 1, "inputs": {"x": "a"}, "libraries": {}}, "x = 1")
 
 
 def can_mount() -> bool:
