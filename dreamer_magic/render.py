@@ -32,6 +32,7 @@ from .status import (
     INCOMPLETE,
     INTERRUPTED,
     LOADED,
+    PULLED,
     RAN,
     RESTORED,
     RUNNING,
@@ -63,6 +64,7 @@ GREEN, BLUE, ORANGE, RED, GREY = "#2e7d32", "#1565c0", "#e65100", "#c62828", "#7
 _STATE_COLOURS = {
     LOADED: GREEN,
     RESTORED: GREEN,
+    PULLED: GREEN,
     RAN: BLUE,
     RUNNING: BLUE,
     WAITING: ORANGE,

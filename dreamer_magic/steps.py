@@ -42,7 +42,7 @@ from .fingerprint import (
     source_of,
 )
 from .folders import OutputFolder, get_output_folder, now_iso, read_json, read_meta, tree_digest, validate_name, write_json_atomic
-from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status, value_preview
+from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status, value_preview
 
 STEP_FILE = "step.json"
 REPLAY_FILE = "replay.json"
@@ -436,7 +436,9 @@ class StepRun:
                 status.state = RUNNING
                 if self.parent is None:
                     self.out.clean_temps(self.final)
-                return self._decide_and_go(components, fp, started)
+                values = self._decide_and_go(components, fp, started)
+                self._push_to_remote()
+                return values
         finally:
             _ACTIVE.runs.remove(self)
             status.duration = time.perf_counter() - started
@@ -487,6 +489,53 @@ class StepRun:
             carried = self._carry_over(fp)
             if carried is not None and self._dependencies_hold(carried, changed):
                 yield LOADED, carried
+        else:
+            pulled = self._pull_from_remote(fp, changed)
+            if pulled is not None:
+                yield PULLED, pulled
+
+    # -- the remote output folder (remote.py, SPEC §7) -------------------------------------
+    def _pull_from_remote(self, fp: str, changed: list) -> dict | None:
+        """A local miss: a committed remote copy with ``fp`` (in place, else in ``_backups``) is
+        pulled into a temporary folder, verified, and renamed into place (what is there goes to
+        the local backups). ``None`` when the remote has none (or it could not be used)."""
+        from .remote import get_remote
+
+        remote = get_remote()
+        if remote is None:
+            return None
+        try:
+            found = remote.find(self.name_path, fp, self.meta_file)
+            if found is None or not self._dependencies_hold(found[1], changed):
+                return None
+            where, meta = found
+            self.status.notes.append(f"pulling from {remote.url}/{where}")
+            self.status.changed()
+            problem = remote.pull_into_place(
+                where, meta, self.meta_file, self.final,
+                lambda: self.home.move_to_backup(self.final, self.key, self.meta_file),
+            )
+        except Exception as e:  # noqa: BLE001 - an unreachable remote is a miss, never a failed cell
+            problem = f"{type(e).__name__}: {e}"
+        self.status.notes[:] = [n for n in self.status.notes if not str(n).startswith("pulling from ")]
+        if problem is not None:
+            self.status.notes.append(f"the remote copy was not used: {problem}")
+            return None
+        return meta
+
+    def _push_to_remote(self) -> None:
+        """After a top-level step or trainer commits (or is loaded while the remote lacks it),
+        queue its push; it runs in the background, metadata last."""
+        from .remote import get_remote
+
+        remote = get_remote()
+        if remote is None or self.parent is not None or self.status.state == PULLED:
+            return
+        if read_meta(self.final, self.meta_file)[0] is None:
+            return
+        remote.push_later(self.out.root, self.name_path, self.meta_file, self.spec.kind)
+        if self.status.state != LOADED:  # a hit is pushed only if the remote lacks it: no news
+            self.status.notes.append(f"pushing to {remote.url} in the background")
 
     def _code_changes(self, meta: dict | None) -> list[Reason]:
         """Which functions outside the notebook changed since the saved run (a changed module
@@ -1023,7 +1072,7 @@ def run_cell_step(
     run.cell_info = info
     values = run.run()
     namespace.update(values)
-    if run.status.state in (LOADED, RESTORED):
+    if run.status.state in (LOADED, RESTORED, PULLED):
         leave_as_run_left(namespace, info, run.meta)
     return run.status
 

@@ -94,7 +94,7 @@ from .errors import DreamerError, StorageError
 from .fingerprint import fingerprint, json_safe, model_fingerprint
 from .folders import OutputFolder, fsync_tree, now_iso, read_json, read_meta, write_json_atomic
 from .hf_trainer import is_trainer as _is_hf_trainer, patched_trainer
-from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, Status, resumed_from
+from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, Status, resumed_from
 from .steps import (
     REPLAY_FILE,
     StepRun,
@@ -825,6 +825,6 @@ def run_cell_trainer(
     run.cell_info = info
     values = run.run()
     namespace.update(values)
-    if run.status.state in (LOADED, RESTORED):
+    if run.status.state in (LOADED, RESTORED, PULLED):
         steps.leave_as_run_left(namespace, info, run.meta)
     return run.status

@@ -1,0 +1,194 @@
+"""The output folder mirrored on object storage (SPEC §7), against a real S3 API on loopback.
+
+Each "machine" is a fresh process with its own working directory (so its own ``./output``),
+pointed at one bucket of the moto server the ``s3_server`` fixture starts. A pre-emption is a
+SIGKILL of that process at a chosen moment of a push (the child blocks itself there and says so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _session import _SCRIPT, Session, session  # noqa: E402
+
+STEP_V1 = """
+%%dreamer_step make data
+import numpy as np
+arr = np.arange(50_000) * 3
+table = {"n": int(arr.size), "label": "v1"}
+print("made", arr.size)
+"""
+STEP_V2 = STEP_V1.replace("* 3", "* 5").replace('"v1"', '"v2"')
+DOWNSTREAM = """
+%%dreamer_step total
+total = int(arr.sum())
+"""
+
+
+def remote_files(fs, url: str) -> dict[str, int]:
+    root = url.removeprefix("s3://").rstrip("/")
+    fs.invalidate_cache()
+    return {p[len(root) + 1:]: info["size"] for p, info in fs.find(root, detail=True).items()}
+
+
+def machine(tmp_path: Path, name: str, url: str, cells: list[str], env: dict, dump=()) -> Session:
+    """Run ``cells`` on a fresh "machine" (its own folder) with the remote set first."""
+    cwd = tmp_path / name
+    cwd.mkdir(exist_ok=True)
+    return session(cwd, [f"%dreamer remote {url}", *cells], dump=list(dump), env=env, timeout=120)
+
+
+def killed_during_push(tmp_path: Path, name: str, url: str, cells: list[str], env: dict, block: str) -> None:
+    """Run ``cells`` on a machine whose push blocks at ``block`` (a cell that instruments the
+    remote's filesystem and prints READY when it is reached), then SIGKILL it right there."""
+    cwd = tmp_path / name
+    cwd.mkdir(exist_ok=True)
+    spec = {
+        "cells": [f"%dreamer remote {url}\n", *[textwrap.dedent(c).strip("\n") + "\n" for c in cells[:-1]], block, cells[-1]],
+        "dump": [],
+        "output": str(cwd / "output"),
+    }
+    full_env = {**os.environ, **env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True, cwd=cwd, env=full_env,
+    )
+    proc.stdin.write(json.dumps(spec))
+    proc.stdin.close()
+    deadline = time.monotonic() + 120
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("READY"):
+                break
+            assert time.monotonic() < deadline, "the push never reached the blocking point"
+        else:
+            raise AssertionError("the machine ended before its push reached the blocking point:\n" + "".join(seen[-30:]))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+
+
+# A cell that makes the next push of "make-data" stop for good just before it writes step.json
+# (every data file of the new version is uploaded; the old step.json was deleted): the worst moment.
+BLOCK_BEFORE_METADATA = """
+import threading, time as _t
+from dreamer_magic.remote import get_remote
+_fs = get_remote().fs
+_pipe = _fs.pipe_file
+def _blocking(path, data, **kw):
+    if path.endswith("make-data/step.json"):
+        print("READY", flush=True)
+        threading.Event().wait()
+    return _pipe(path, data, **kw)
+_fs.pipe_file = _blocking
+"""
+# ...and one that stops it half-way through the data files (one file sent, the rest not).
+BLOCK_MID_DATA = """
+import threading
+from dreamer_magic.remote import get_remote
+_fs = get_remote().fs
+_put = _fs.put
+def _blocking(lpaths, rpaths, **kw):
+    if any("make-data/" in r for r in rpaths) and len(lpaths) > 1:
+        _fs.put_file(lpaths[0], rpaths[0])
+        print("READY", flush=True)
+        threading.Event().wait()
+    return _put(lpaths, rpaths, **kw)
+_fs.put = _blocking
+"""
+
+
+def test_a_fresh_machine_loads_every_step_from_the_remote_in_the_seeds_layout(tmp_path, bucket):
+    url, fs, env = bucket
+    a = machine(tmp_path, "a", url, [STEP_V1, DOWNSTREAM], env, dump=["arr", "table", "total"])
+    assert a.states == ["ran", "ran"], a.statuses
+    assert not a.errors, a.errors
+    # the bucket holds exactly the local layout: same files, same sizes, step.json included
+    local = tmp_path / "a" / "output"
+    for step in ("make-data", "total"):
+        here = {p.relative_to(local / step).as_posix(): p.stat().st_size for p in (local / step).rglob("*") if p.is_file()}
+        there = {k.removeprefix(step + "/"): v for k, v in remote_files(fs, url).items() if k.startswith(step + "/")}
+        assert here == there and "step.json" in there, (step, here, there)
+
+    b = machine(tmp_path, "b", url, [STEP_V1, DOWNSTREAM], env, dump=["arr", "table", "total"])
+    assert b.states == ["loaded from remote", "loaded from remote"], b.statuses
+    assert b.same_values(a), (a.values, b.values)
+    assert "made 50000" in b.stdout  # the recorded output is replayed, as on any hit
+    assert (tmp_path / "b" / "output" / "make-data" / "step.json").is_file()  # now a local hit
+    again = machine(tmp_path, "b", url, [STEP_V1], env)
+    assert again.states == ["loaded from disk"]
+
+    # readable without this package: plain s3fs + json + numpy
+    import numpy as np
+
+    plain = tmp_path / "plain"
+    fs.get(url.removeprefix("s3://") + "/make-data", str(plain), recursive=True)
+    meta = json.loads((plain / "step.json").read_text())
+    arr = np.load(plain / meta["outputs"]["arr"]["path"], allow_pickle=False)
+    assert int(arr[1]) == 3 and meta["name"] == "make data"
+
+
+@pytest.mark.parametrize("block", [BLOCK_BEFORE_METADATA, BLOCK_MID_DATA], ids=["before-metadata", "mid-data"])
+def test_a_push_killed_at_any_moment_leaves_the_remote_step_committed_or_absent(tmp_path, bucket, block):
+    url, fs, env = bucket
+    first = machine(tmp_path, "a", url, [STEP_V1], env, dump=["arr"])
+    assert first.states == ["ran"], first.statuses
+    fp1 = json.loads(fs.cat_file(url.removeprefix("s3://") + "/make-data/step.json"))["fingerprint"]
+
+    # the changed step commits locally, then the machine dies during its push
+    killed_during_push(tmp_path, "a", url, [STEP_V2], env, block)
+    files = remote_files(fs, url)
+    assert "make-data/step.json" not in files, "a half-pushed step must not be committed"
+    backup = f"_backups/make-data/{fp1}"
+    assert f"{backup}/step.json" in files, sorted(files)  # the old version stays, committed, in _backups
+
+    # a fresh machine: the old code is a hit from the remote backup, the new one runs
+    b = machine(tmp_path, "b", url, [STEP_V1], env, dump=["arr", "table"])
+    assert b.states == ["loaded from remote"], b.statuses
+    assert b.values["table"]["repr"] == repr({"n": 50000, "label": "v1"})
+    assert b.same_values(first) or b.values["arr"] == first.values["arr"]
+    c = machine(tmp_path, "c", url, [STEP_V2], env, dump=["table"])
+    assert c.states == ["ran"], c.statuses  # never a mix of v2 data under v1 metadata
+    assert c.values["table"]["repr"] == repr({"n": 50000, "label": "v2"})
+    # c's push commits v2 in place; a fourth machine loads it
+    d = machine(tmp_path, "d", url, [STEP_V2], env, dump=["table"])
+    assert d.states == ["loaded from remote"] and d.values["table"] == c.values["table"]
+
+
+def test_remote_needs_its_extra_and_load_ext_imports_nothing_remote(shell, tmp_path):
+    """``%load_ext`` leaves fsspec and the remote module unimported; a remote whose driver is
+    missing is one clear line naming what to install."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from IPython.core.interactiveshell import InteractiveShell
+        ip = InteractiveShell.instance()
+        ip.run_line_magic("load_ext", "dreamer_magic")
+        print("LOADED", sorted(m for m in ("fsspec", "s3fs", "dreamer_magic.remote") if m in sys.modules))
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("fsspec", "s3fs"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        from IPython.core.error import UsageError
+        try:
+            ip.run_line_magic("dreamer", "remote s3://bucket/x")
+        except UsageError as e:
+            print("ERROR", e)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "LOADED []" in out.stdout, out.stdout + out.stderr
+    assert "ERROR" in out.stdout and "pip install dreamer_magic[remote]" in out.stdout, out.stdout + out.stderr
