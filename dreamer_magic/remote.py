@@ -160,10 +160,23 @@ def commit_order(files: Iterable[str]) -> list[str]:
     ['_dataset/a.arrow', 'child/x.npy', 'child/step.json', 'step.json']
     """
     files = list(files)
-    data = [f for f in files if posixpath.basename(f) not in META_FILES]
-    metas = [f for f in files if posixpath.basename(f) in META_FILES]
+    data = [f for f in files if not is_meta(f)]
+    metas = [f for f in files if is_meta(f)]
     metas.sort(key=lambda f: (-f.count("/"), f))
     return data + metas
+
+
+def is_meta(rel: str) -> bool:
+    """Whether ``rel`` is a step's or trainer's own metadata file (``child/step.json``), not a file
+    of an output that happens to have that name (``_outputs/step.json``).
+
+    Examples
+    --------
+    >>> is_meta("child/step.json"), is_meta("_outputs/step.json")
+    (True, False)
+    """
+    parts = rel.split("/")
+    return parts[-1] in META_FILES and not any(p.startswith("_") for p in parts[:-1])
 
 
 def verify(folder: Path, meta: dict, sizes: dict[str, int] | None = None) -> str | None:
@@ -361,6 +374,13 @@ class Remote:
         self.delete(f"{rel}/{meta_file}")  # the remote step is absent from here on...
         files = [f for f in commit_order(local_files(local)) if f != meta_file]
         self.upload(local, rel, files, task)
+        if meta_file == "trainer.json":  # a finished trainer's checkpoints are complete: mark them so
+            marked = set(self.complete_checkpoints(rel))
+            for folder in checkpoint_folders(local):
+                in_trainer = folder.relative_to(local).as_posix()
+                if in_trainer not in marked:
+                    self._mark_checkpoint(folder, f"{rel}/{in_trainer}", meta["fingerprint"])
+                files.append(f"{in_trainer}/{CHECKPOINT_MARKER}")
         self.delete_stale(rel, set(files) | {meta_file})
         try:
             unchanged = (local / meta_file).read_bytes() == meta_bytes
@@ -404,8 +424,8 @@ class Remote:
                     task.files_done += 1
                 continue
             todo.append(f)
-        data = [f for f in todo if posixpath.basename(f) not in META_FILES]
-        metas = [f for f in todo if posixpath.basename(f) in META_FILES]
+        data = [f for f in todo if not is_meta(f)]
+        metas = [f for f in todo if is_meta(f)]
         batches = ([data] if data else []) + [[m] for m in metas]
         for batch in batches:
             lpaths = [str(local / f) for f in batch]
@@ -520,8 +540,10 @@ class Remote:
         """
         local = Path(local_root, *trainer_rel.split("/"))
         marker = _read_local_json(local / marker_file)
+        if marker is None:  # finished since it was saved: the checkpoints belong to the finished run
+            marker = _read_local_json(local / "trainer.json")
         if marker is None or not isinstance(marker.get("fingerprint"), str):
-            return []  # finished or moved since: the trainer's own push follows
+            return []  # moved since: nothing of this run to push
         fp = marker["fingerprint"]
         for meta_file in ("trainer.json", marker_file):
             other = self.read_json(f"{trainer_rel}/{meta_file}")
@@ -529,8 +551,9 @@ class Remote:
                 self.backup_remote(trainer_rel, meta_file, other)
                 self.delete(f"{trainer_rel}/{meta_file}")
                 self.delete_stale(trainer_rel, set())
-        if self.read_json(f"{trainer_rel}/{marker_file}") != marker:
-            self.write_bytes(f"{trainer_rel}/{marker_file}", (local / marker_file).read_bytes())
+        with contextlib.suppress(FileNotFoundError):
+            if self.read_json(f"{trainer_rel}/{marker_file}") != _read_local_json(local / marker_file):
+                self.write_bytes(f"{trainer_rel}/{marker_file}", (local / marker_file).read_bytes())
         done = set(self.complete_checkpoints(trainer_rel))
         pushed = []
         for folder in sorted(checkpoint_folders(local), key=_checkpoint_number):
@@ -540,15 +563,20 @@ class Remote:
             rel = f"{trainer_rel}/{rel_in_trainer}"
             files = [f for f in local_files(folder) if f != CHECKPOINT_MARKER]
             self.upload(folder, rel, files, task)
-            record = {
-                "files": {f: {"size": (folder / f).stat().st_size} for f in files},
-                "fingerprint": fp,
-                "machine": self.machine,
-                "uploaded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            self.write_bytes(f"{rel}/{CHECKPOINT_MARKER}", json.dumps(record, indent=2).encode())
+            self._mark_checkpoint(folder, rel, fp)
             pushed.append(rel_in_trainer)
         return pushed
+
+    def _mark_checkpoint(self, folder: Path, rel: str, fp: str) -> None:
+        """Write a checkpoint's ``upload_complete.json`` (its files and sizes), after its files."""
+        files = [f for f in local_files(folder) if f != CHECKPOINT_MARKER]
+        record = {
+            "files": {f: {"size": (folder / f).stat().st_size} for f in files},
+            "fingerprint": fp,
+            "machine": self.machine,
+            "uploaded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.write_bytes(f"{rel}/{CHECKPOINT_MARKER}", json.dumps(record, indent=2).encode())
 
     def complete_checkpoints(self, trainer_rel: str) -> list[str]:
         """Checkpoints (``_checkpoints/checkpoint-N``, relative to the trainer folder) whose upload

@@ -70,7 +70,7 @@ def killed_during_push(tmp_path: Path, name: str, url: str, cells: list[str], en
     try:
         for line in proc.stdout:
             seen.append(line)
-            if line.startswith("READY"):
+            if "READY" in line:
                 break
             assert time.monotonic() < deadline, "the push never reached the blocking point"
         else:
@@ -122,13 +122,10 @@ def test_a_fresh_machine_loads_every_step_from_the_remote_in_the_seeds_layout(tm
         there = {k.removeprefix(step + "/"): v for k, v in remote_files(fs, url).items() if k.startswith(step + "/")}
         assert here == there and "step.json" in there, (step, here, there)
 
-    b = machine(tmp_path, "b", url, [STEP_V1, DOWNSTREAM], env, dump=["arr", "table", "total"])
-    assert b.states == ["loaded from remote", "loaded from remote"], b.statuses
+    b = machine(tmp_path, "b", url, [STEP_V1, DOWNSTREAM, STEP_V1], env, dump=["arr", "table", "total"])
+    assert b.states == ["loaded from remote", "loaded from remote", "loaded from disk"], b.statuses  # then a local hit
     assert b.same_values(a), (a.values, b.values)
     assert "made 50000" in b.stdout  # the recorded output is replayed, as on any hit
-    assert (tmp_path / "b" / "output" / "make-data" / "step.json").is_file()  # now a local hit
-    again = machine(tmp_path, "b", url, [STEP_V1], env)
-    assert again.states == ["loaded from disk"]
 
     # readable without this package: plain s3fs + json + numpy
     import numpy as np
@@ -143,7 +140,7 @@ def test_a_fresh_machine_loads_every_step_from_the_remote_in_the_seeds_layout(tm
 @pytest.mark.parametrize("block", [BLOCK_BEFORE_METADATA, BLOCK_MID_DATA], ids=["before-metadata", "mid-data"])
 def test_a_push_killed_at_any_moment_leaves_the_remote_step_committed_or_absent(tmp_path, bucket, block):
     url, fs, env = bucket
-    first = machine(tmp_path, "a", url, [STEP_V1], env, dump=["arr"])
+    first = machine(tmp_path, "a", url, [STEP_V1], env)
     assert first.states == ["ran"], first.statuses
     fp1 = json.loads(fs.cat_file(url.removeprefix("s3://") + "/make-data/step.json"))["fingerprint"]
 
@@ -154,17 +151,15 @@ def test_a_push_killed_at_any_moment_leaves_the_remote_step_committed_or_absent(
     backup = f"_backups/make-data/{fp1}"
     assert f"{backup}/step.json" in files, sorted(files)  # the old version stays, committed, in _backups
 
-    # a fresh machine: the old code is a hit from the remote backup, the new one runs
-    b = machine(tmp_path, "b", url, [STEP_V1], env, dump=["arr", "table"])
-    assert b.states == ["loaded from remote"], b.statuses
-    assert b.values["table"]["repr"] == repr({"n": 50000, "label": "v1"})
-    assert b.same_values(first) or b.values["arr"] == first.values["arr"]
-    c = machine(tmp_path, "c", url, [STEP_V2], env, dump=["table"])
-    assert c.states == ["ran"], c.statuses  # never a mix of v2 data under v1 metadata
-    assert c.values["table"]["repr"] == repr({"n": 50000, "label": "v2"})
-    # c's push commits v2 in place; a fourth machine loads it
-    d = machine(tmp_path, "d", url, [STEP_V2], env, dump=["table"])
-    assert d.states == ["loaded from remote"] and d.values["table"] == c.values["table"]
+    # a fresh machine: the old code is a hit from the remote backup, the new one runs (never a
+    # mix of v2 data under v1 metadata), and its push commits v2 in place
+    b = machine(tmp_path, "b", url, [STEP_V1, "v1 = table", STEP_V2], env, dump=["v1", "table"])
+    assert b.states == ["loaded from remote", "ran"], b.statuses
+    assert b.values["v1"]["repr"] == repr({"n": 50000, "label": "v1"})
+    assert b.values["table"]["repr"] == repr({"n": 50000, "label": "v2"})
+    if block is BLOCK_BEFORE_METADATA:  # a third machine loads what b pushed
+        c = machine(tmp_path, "c", url, [STEP_V2], env, dump=["table"])
+        assert c.states == ["loaded from remote"] and c.values["table"] == b.values["table"], c.statuses
 
 
 def test_remote_needs_its_extra_and_load_ext_imports_nothing_remote(shell, tmp_path):
@@ -192,3 +187,69 @@ def test_remote_needs_its_extra_and_load_ext_imports_nothing_remote(shell, tmp_p
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert "LOADED []" in out.stdout, out.stdout + out.stderr
     assert "ERROR" in out.stdout and "pip install dreamer_magic[remote]" in out.stdout, out.stdout + out.stderr
+
+
+# -- trainers: checkpoints uploaded as they are saved, resumed on a fresh machine ---------------
+
+TRAIN_SETUP = """
+import torch
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+opt = torch.optim.AdamW(net.parameters(), lr=0.01)
+sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.9)
+torch.manual_seed(123)
+"""
+TRAIN = """
+%%dreamer_train plain
+import os, torch
+ckpt = Checkpointer(net, opt, sched, every=5, max_steps=20)
+for step in range(ckpt.resume(), 20):
+    x = torch.randn(8, 4)
+    loss = ((net(torch.nn.functional.dropout(x, 0.2)) - x.sum(1, keepdim=True)) ** 2).mean()
+    loss.backward(); opt.step(); sched.step(); opt.zero_grad()
+    ckpt.step(step, loss=loss)
+    with open(os.environ["LOSS_FILE"], "a") as f:
+        f.write(f"{step} {loss.item()!r}\\n")
+"""
+# the upload of checkpoint-15 stops for good just before its completion marker
+BLOCK_CHECKPOINT_MARKER = """
+import threading
+from dreamer_magic.remote import get_remote
+_fs = get_remote().fs
+_pipe = _fs.pipe_file
+def _blocking(path, data, **kw):
+    if path.endswith("checkpoint-15/upload_complete.json"):
+        print("READY", flush=True)
+        threading.Event().wait()
+    return _pipe(path, data, **kw)
+_fs.pipe_file = _blocking
+"""
+
+
+def _losses(path: Path) -> dict[int, str]:
+    return {int(a): b for a, b in (line.split() for line in path.read_text().splitlines())}
+
+
+def test_a_trainer_killed_during_a_checkpoint_upload_resumes_on_a_fresh_machine(tmp_path, bucket):
+    url, fs, env = bucket
+    reference = session(tmp_path / "r" if (tmp_path / "r").mkdir() is None else None, [TRAIN_SETUP, TRAIN],
+                        env={**env, "LOSS_FILE": str(tmp_path / "r.loss")}, timeout=120)
+    assert reference.states == ["ran"], reference.statuses
+    expected = _losses(tmp_path / "r.loss")
+
+    killed_during_push(tmp_path, "a", url, [TRAIN_SETUP, TRAIN], {**env, "LOSS_FILE": str(tmp_path / "a.loss")}, BLOCK_CHECKPOINT_MARKER)
+    files = remote_files(fs, url)
+    assert "plain/_checkpoints/checkpoint-10/upload_complete.json" in files, sorted(files)
+    assert "plain/_checkpoints/checkpoint-15/upload_complete.json" not in files
+    assert "plain/trainer.json" not in files
+
+    b = machine(tmp_path, "b", url, [TRAIN_SETUP, TRAIN], {**env, "LOSS_FILE": str(tmp_path / "b.loss")})
+    assert b.states == ["resumed from checkpoint-10 (remote)"], b.statuses
+    resumed = _losses(tmp_path / "b.loss")
+    assert sorted(resumed) == list(range(10, 20))
+    assert resumed == {s: expected[s] for s in range(10, 20)}  # the same trajectory as an uninterrupted run
+
+    c = machine(tmp_path, "c", url, [TRAIN_SETUP, TRAIN, "w = net[0].weight.detach().numpy().tolist()"],
+                {**env, "LOSS_FILE": str(tmp_path / "c.loss")}, dump=["w"])
+    assert c.states == ["loaded from remote"], c.statuses
+    assert not (tmp_path / "c.loss").exists()  # a finished remote trainer reloads without training
