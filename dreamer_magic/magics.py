@@ -295,6 +295,14 @@ class DreamerMagics(Magics):
 
         removed, freed = OutputFolder(get_output_folder()).gc(keep)
         print(f"removed {removed} backup{'s' if removed != 1 else ''}, freed {human_size(freed)}")
+        import sys
+
+        mirror = sys.modules.get("dreamer_magic.remote")
+        if mirror is not None and mirror.get_remote() is not None:
+            remote = mirror.get_remote()
+            remote.flush()  # pending segments first, so that the compaction includes them
+            merged, saved = mirror.compact_all(remote)
+            print(f"remote: compacted {merged} generation-cache segment{'s' if merged != 1 else ''}, freed {human_size(saved)}")
 
 
 def _shown_path(path: Any) -> str:

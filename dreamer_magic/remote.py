@@ -697,3 +697,100 @@ def _install_sigterm_flush() -> None:
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGTERM, on_sigterm)
         _sigterm_installed = True
+
+
+# -- generation-cache segments ------------------------------------------------------------------
+SEGMENTS = ".segments"  # .cache/<database>.segments/<machine>-<seq>.jsonl on the remote
+_segment_seq = [0]
+
+
+def segment_folder(database_name: str) -> str:
+    """The remote folder of a generation cache's segments, e.g. ``.cache/my-api.segments``."""
+    return f".cache/{database_name}{SEGMENTS}"
+
+
+def encode_rows(rows: list[dict[str, Any]], header: dict[str, Any] | None = None) -> bytes:
+    """One segment: JSON lines, a header first; a ``bytes`` response is stored as hex."""
+    lines = [json.dumps({"segment": 1, **(header or {})})]
+    for row in rows:
+        response = row.get("response")
+        if isinstance(response, (bytes, bytearray, memoryview)):
+            row = {**row, "response": bytes(response).hex(), "binary": True}
+        lines.append(json.dumps(row, ensure_ascii=False, separators=(",", ":")))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def decode_rows(data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """``(header, rows)`` of a segment, or ``None`` if it is not a whole segment."""
+    try:
+        lines = data.decode("utf-8").splitlines()
+        header = json.loads(lines[0])
+        rows = [json.loads(line) for line in lines[1:] if line]
+    except (UnicodeDecodeError, ValueError, IndexError):
+        return None
+    if not isinstance(header, dict) or header.get("segment") != 1 or not data.endswith(b"\n"):
+        return None
+    for row in rows:
+        if row.pop("binary", False):
+            row["response"] = bytes.fromhex(row["response"])
+    return header, rows
+
+
+def new_segment_name(remote: Remote) -> str:
+    """A name no other machine or process uses: ``<host>-<pid>-<random>-<seq>.jsonl``."""
+    _segment_seq[0] += 1
+    return f"{remote.machine}-{uuid.uuid4().hex[:6]}-{_segment_seq[0]:06d}.jsonl"
+
+
+def push_segment_later(remote: Remote, database_name: str, name: str, rows: list[dict[str, Any]]) -> None:
+    """Upload one committed batch as an immutable segment (one object, written once)."""
+    data = encode_rows(rows)
+    rel = f"{segment_folder(database_name)}/{name}"
+    remote.submit(f"generation cache {database_name} ({len(rows)} rows)", rel, lambda task: remote.write_bytes(rel, data))
+
+
+def list_segments(remote: Remote, database_name: str) -> dict[str, int]:
+    """``{segment name: size}`` of a generation cache's remote segments."""
+    return {k: v for k, v in remote.listing(segment_folder(database_name)).items() if "/" not in k and k.endswith(".jsonl")}
+
+
+def compact_segments(remote: Remote, database_name: str) -> tuple[int, int]:
+    """Merge every segment of one generation cache into one (written first), then delete the
+    merged ones. Returns ``(segments removed, bytes freed)``. The new segment's header names
+    the segments it replaces, so a machine that merged them all does not read it again."""
+    names = sorted(list_segments(remote, database_name).items())
+    if len(names) < 2:
+        return 0, 0
+    rows: dict[str, dict] = {}
+    replaced: list[str] = []
+    for name, _ in names:
+        try:
+            decoded = decode_rows(retry(lambda n=name: remote.fs.cat_file(remote.path(f"{segment_folder(database_name)}/{n}"))))
+        except FileNotFoundError:
+            continue
+        if decoded is None:
+            continue  # not whole (never on an object store): left alone
+        header, part = decoded
+        replaced += [name, *header.get("replaces", [])]
+        for row in part:
+            rows[row["key"]] = row
+    kept = [n for n, _ in names if n in replaced]
+    out = f"compact-{uuid.uuid4().hex[:12]}.jsonl"
+    data = encode_rows(list(rows.values()), {"replaces": sorted(set(replaced))})
+    remote.write_bytes(f"{segment_folder(database_name)}/{out}", data)  # first: nothing is lost if we stop here
+    freed = -len(data)
+    for name, size in names:
+        if name in kept:
+            remote.delete(f"{segment_folder(database_name)}/{name}")
+            freed += size
+    return len(kept), max(freed, 0)
+
+
+def compact_all(remote: Remote) -> tuple[int, int]:
+    """Compact the segments of every generation cache in the remote (``%dreamer gc``)."""
+    databases = {f.split("/")[0][: -len(SEGMENTS)] for f in remote.listing(".cache") if f.split("/")[0].endswith(SEGMENTS)}
+    removed = freed = 0
+    for name in sorted(databases):
+        r, f = compact_segments(remote, name)
+        removed, freed = removed + r, freed + f
+    return removed, freed

@@ -232,24 +232,78 @@ def _losses(path: Path) -> dict[int, str]:
 
 def test_a_trainer_killed_during_a_checkpoint_upload_resumes_on_a_fresh_machine(tmp_path, bucket):
     url, fs, env = bucket
-    reference = session(tmp_path / "r" if (tmp_path / "r").mkdir() is None else None, [TRAIN_SETUP, TRAIN],
-                        env={**env, "LOSS_FILE": str(tmp_path / "r.loss")}, timeout=120)
-    assert reference.states == ["ran"], reference.statuses
-    expected = _losses(tmp_path / "r.loss")
-
     killed_during_push(tmp_path, "a", url, [TRAIN_SETUP, TRAIN], {**env, "LOSS_FILE": str(tmp_path / "a.loss")}, BLOCK_CHECKPOINT_MARKER)
     files = remote_files(fs, url)
     assert "plain/_checkpoints/checkpoint-10/upload_complete.json" in files, sorted(files)
     assert "plain/_checkpoints/checkpoint-15/upload_complete.json" not in files
     assert "plain/trainer.json" not in files
 
-    b = machine(tmp_path, "b", url, [TRAIN_SETUP, TRAIN], {**env, "LOSS_FILE": str(tmp_path / "b.loss")})
-    assert b.states == ["resumed from checkpoint-10 (remote)"], b.statuses
-    resumed = _losses(tmp_path / "b.loss")
-    assert sorted(resumed) == list(range(10, 20))
+    # machine b resumes from the remote; then (one process, to spare the imports) a fresh local
+    # folder loads the finished trainer from the remote, and a run without remote is the reference
+    loss = lambda name: f"import os\nos.environ['LOSS_FILE'] = {str(tmp_path / name)!r}"  # noqa: E731
+    b = machine(
+        tmp_path, "b", url,
+        [loss("b.loss"), TRAIN_SETUP, TRAIN, "from dreamer_magic.remote import get_remote\nget_remote().flush()",
+         f"%dreamer output {tmp_path / 'c' / 'output'}", loss("c.loss"), TRAIN_SETUP, TRAIN,
+         "%dreamer remote off", f"%dreamer output {tmp_path / 'r' / 'output'}", loss("r.loss"), TRAIN_SETUP, TRAIN],
+        env,
+    )
+    assert b.states == ["resumed from checkpoint-10 (remote)", "loaded from remote", "ran"], b.statuses
+    resumed, expected = _losses(tmp_path / "b.loss"), _losses(tmp_path / "r.loss")
+    assert sorted(resumed) == list(range(10, 20)) and sorted(expected) == list(range(20))
     assert resumed == {s: expected[s] for s in range(10, 20)}  # the same trajectory as an uninterrupted run
-
-    c = machine(tmp_path, "c", url, [TRAIN_SETUP, TRAIN, "w = net[0].weight.detach().numpy().tolist()"],
-                {**env, "LOSS_FILE": str(tmp_path / "c.loss")}, dump=["w"])
-    assert c.states == ["loaded from remote"], c.statuses
     assert not (tmp_path / "c.loss").exists()  # a finished remote trainer reloads without training
+
+
+# -- the generation cache: committed batches pushed as segments, merged on another machine --------
+
+ASK = """
+import os
+from dreamer_magic import cached
+@cached("my-api")
+def ask(i):
+    with open(os.environ["CALLS_FILE"], "a") as f:
+        f.write(f"{i}\\n")
+    return {"q": i, "a": i * i}
+answers = [ask(i) for i in range(20)]
+"""
+# the upload of the 8th segment (the 8th committed batch) stops for good
+BLOCK_SEGMENT = """
+import threading
+from dreamer_magic.remote import get_remote
+_fs = get_remote().fs
+_pipe = _fs.pipe_file
+_seen = []
+def _blocking(path, data, **kw):
+    if ".segments/" in path:
+        _seen.append(path)
+        if len(_seen) == 8:
+            print("READY", flush=True)
+            threading.Event().wait()
+    return _pipe(path, data, **kw)
+_fs.pipe_file = _blocking
+"""
+
+
+def test_a_generation_killed_on_one_machine_is_finished_on_another_computing_only_the_rest(tmp_path, bucket):
+    url, fs, env = bucket
+    killed_during_push(tmp_path, "a", url, [ASK], {**env, "CALLS_FILE": str(tmp_path / "a.calls")}, BLOCK_SEGMENT)
+    segments = url.removeprefix("s3://") + "/.cache/my-api.segments"
+    pushed = fs.find(segments)
+    assert len(pushed) == 7, pushed  # seven committed batches reached the bucket, the 8th never did
+    in_bucket = {json.loads(line)["request"] for p in pushed for line in fs.cat_file(p).decode().splitlines()[1:]}
+
+    gc = "from dreamer_magic.remote import get_remote\nget_remote().flush()\n%dreamer gc"
+    b = machine(tmp_path, "b", url, [ASK, gc], {**env, "CALLS_FILE": str(tmp_path / "b.calls")}, dump=["answers"])
+    assert not b.errors, b.errors
+    computed = [int(x) for x in (tmp_path / "b.calls").read_text().split()]
+    assert len(computed) == 20 - 7, computed  # only what machine A never committed to the bucket
+    assert len(set(computed)) == 13 and len(in_bucket) == 7  # each computed once, none of those in the bucket
+    assert b.values["answers"]["repr"] == repr([{"q": i, "a": i * i} for i in range(20)])
+    assert "compacted 20 generation-cache segments" in b.stdout, b.stdout
+    fs.invalidate_cache()
+    assert len(fs.find(segments)) == 1
+
+    c = machine(tmp_path, "c", url, [ASK], {**env, "CALLS_FILE": str(tmp_path / "c.calls")}, dump=["answers"])
+    assert not (tmp_path / "c.calls").exists()  # a third machine computes nothing
+    assert c.values["answers"] == b.values["answers"]
