@@ -354,9 +354,18 @@ class Remote:
                     self._idle.notify_all()
 
     # -- pushing a step or trainer folder -------------------------------------------------
-    def push_later(self, local_root: Path, name_path: str, meta_file: str, kind: str = "step") -> None:
-        """Push the committed folder ``local_root/name_path`` in the background."""
-        self.submit(f"{kind} {name_path}", name_path, lambda task: self.push_folder(local_root, name_path, meta_file, task))
+    def push_later(self, local_root: Path, name_path: str, meta_file: str, kind: str = "step", lease: "Lease | None" = None) -> None:
+        """Push the committed folder ``local_root/name_path`` in the background; the ``lease`` held
+        on it is released once the push has committed (or failed)."""
+
+        def run(task: _Task) -> None:
+            try:
+                self.push_folder(local_root, name_path, meta_file, task)
+            finally:
+                if lease is not None:
+                    lease.release()
+
+        self.submit(f"{kind} {name_path}", name_path, run)
 
     def push_folder(self, local_root: Path, rel: str, meta_file: str, task: _Task | None = None) -> bool:
         """Mirror one committed folder (see the module docstring for the order). Returns whether
@@ -794,3 +803,104 @@ def compact_all(remote: Remote) -> tuple[int, int]:
         r, f = compact_segments(remote, name)
         removed, freed = removed + r, freed + f
     return removed, freed
+
+
+# -- the step lock, extended to the bucket ------------------------------------------------------
+LEASES = ".locks"  # <remote>/.locks/<name>.lease, as the local .locks/<name>.lock
+LEASE_TTL = 60.0  # seconds a lease lasts unless renewed (renewed every third of it while held)
+LEASE_POLL = 1.0  # seconds between tries while another machine holds a lease
+
+
+class Lease:
+    """One machine's claim on a step or trainer in the remote, so that two machines on one bucket
+    do not both run it: an object created with a conditional write (``If-None-Match: *``), with
+    an expiry, renewed while the step runs and its push is pending, deleted when the push has
+    committed. An expired lease (its machine died) is taken over with ``If-Match`` on its ETag,
+    so two machines cannot both take it over. (Filesystems without conditional overwrites, e.g.
+    ``file://``, take an expired lease over by delete-then-create.)
+
+    Examples
+    --------
+    >>> lease = Lease(get_remote(), "clean-reviews")   # doctest: +SKIP
+    >>> lease.acquire(on_wait=lambda holder: print("waiting for", holder)); ...; lease.release()
+    """
+
+    def __init__(self, remote: Remote, name_path: str, ttl: float | None = None) -> None:
+        self.remote = remote
+        self.rel = f"{LEASES}/{name_path.replace('/', '__')}.lease"
+        self.ttl = float(ttl if ttl is not None else LEASE_TTL)
+        self.token = uuid.uuid4().hex
+        self.etag: str | None = None
+        self.holder: str | None = None  # the machine holding it while we wait
+        self.took_over: str | None = None  # the machine whose expired lease we took over
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._conditional = type(remote.fs).__name__ == "S3FileSystem"
+
+    def _body(self) -> bytes:
+        return json.dumps({"machine": self.remote.machine, "token": self.token, "expires": time.time() + self.ttl, "ttl": self.ttl}).encode()
+
+    def _read(self) -> tuple[dict | None, str | None]:
+        path = self.remote.path(self.rel)
+        try:
+            etag = retry(lambda: self.remote.fs.info(path)).get("ETag") if self._conditional else None
+            data = json.loads(retry(lambda: self.remote.fs.cat_file(path)))
+        except (FileNotFoundError, ValueError):
+            return None, None
+        return (data if isinstance(data, dict) else None), etag
+
+    def _put(self, **kwargs: Any) -> None:
+        out = retry(lambda: self.remote.fs.pipe_file(self.remote.path(self.rel), self._body(), **kwargs))
+        self.etag = out.get("ETag") if isinstance(out, dict) else None
+
+    def try_acquire(self) -> bool:
+        """One attempt: create the lease, or take over an expired one."""
+        try:
+            self._put(mode="create")
+            return True
+        except FileExistsError:
+            pass
+        current, etag = self._read()
+        if current is None:
+            return False  # released meanwhile: the next attempt creates it
+        if current.get("token") == self.token:
+            return True
+        if float(current.get("expires") or 0) > time.time():
+            self.holder = str(current.get("machine") or "another machine")
+            return False
+        try:  # expired: its machine stopped renewing it (died)
+            if self._conditional and etag:
+                self._put(IfMatch=etag)
+            else:
+                self.remote.delete(self.rel)
+                self._put(mode="create")
+        except FileExistsError:
+            return False  # another machine took it over first
+        self.took_over = str(current.get("machine") or "a machine")
+        return True
+
+    def acquire(self, on_wait: Callable[[str], Any] | None = None) -> None:
+        """Wait until this machine holds the lease (``on_wait(holder)`` once, if it must wait)."""
+        if not self.try_acquire():
+            if on_wait is not None:
+                on_wait(self.holder or "another machine")
+            while not self.try_acquire():
+                time.sleep(LEASE_POLL)
+        self._renewer = threading.Thread(target=self._renew, name="dreamer-lease", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            with contextlib.suppress(Exception):  # a missed renewal is retried a third of a ttl later
+                if self._conditional and self.etag:
+                    self._put(IfMatch=self.etag)
+                else:
+                    self._put()
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease (only if it is still ours)."""
+        self._stop.set()
+        current, _ = self._read()
+        if current is not None and current.get("token") == self.token:
+            with contextlib.suppress(Exception):
+                self.remote.delete(self.rel)

@@ -431,15 +431,20 @@ class StepRun:
 
         lock_name = self.name_path if self.parent is None else self.name_path + ".nested"
         _ACTIVE.runs.append(self)
+        lease = None
         try:
             with self.out.lock(lock_name, on_wait=waiting):
+                lease = self._remote_lease()
                 status.state = RUNNING
                 if self.parent is None:
                     self.out.clean_temps(self.final)
                 values = self._decide_and_go(components, fp, started)
-                self._push_to_remote()
+                self._push_to_remote(lease)
+                lease = None  # the push releases it once the remote copy is committed
                 return values
         finally:
+            if lease is not None:
+                lease.release()
             _ACTIVE.runs.remove(self)
             status.duration = time.perf_counter() - started
             status.changed()
@@ -523,17 +528,49 @@ class StepRun:
             return None
         return meta
 
-    def _push_to_remote(self) -> None:
-        """After a top-level step or trainer commits (or is loaded while the remote lacks it),
-        queue its push; it runs in the background, metadata last."""
+    def _remote_lease(self) -> Any:
+        """With a remote, hold this step's lease in the bucket (another machine running it: wait,
+        then load its result). ``None`` without a remote, for a nested step, or when the remote
+        cannot be reached (then the local lock alone guards it, and a note says so)."""
         from .remote import get_remote
 
         remote = get_remote()
-        if remote is None or self.parent is not None or self.status.state == PULLED:
+        if remote is None or self.parent is not None or not self._takes_lease():
+            return None
+        from .remote import Lease
+
+        status = self.status
+
+        def waiting(holder: str) -> None:
+            status.state = WAITING
+            status.notes.append(f"another machine ({holder}) is running this {self.spec.kind}; waiting for it, then loading its result")
+            status.changed()
+
+        lease = Lease(remote, self.name_path)
+        try:
+            lease.acquire(on_wait=waiting)
+        except Exception as e:  # noqa: BLE001 - an unreachable remote never stops a local run
+            status.notes.append(f"the remote lease could not be taken ({type(e).__name__}: {e}); running under the local lock only")
+            return None
+        if lease.took_over:
+            status.notes.append(f"took over the expired lease of {lease.took_over} (it stopped renewing it)")
+        return lease
+
+    def _takes_lease(self) -> bool:
+        """Whether this process takes part in the bucket lease (trainers: the main process only)."""
+        return True
+
+    def _push_to_remote(self, lease: Any = None) -> None:
+        """After a top-level step or trainer commits (or is loaded while the remote lacks it),
+        queue its push; it runs in the background, metadata last, and releases ``lease`` after."""
+        from .remote import get_remote
+
+        remote = get_remote()
+        if remote is None or self.parent is not None or self.status.state == PULLED or read_meta(self.final, self.meta_file)[0] is None:
+            if lease is not None:
+                lease.release()
             return
-        if read_meta(self.final, self.meta_file)[0] is None:
-            return
-        remote.push_later(self.out.root, self.name_path, self.meta_file, self.spec.kind)
+        remote.push_later(self.out.root, self.name_path, self.meta_file, self.spec.kind, lease=lease)
         if self.status.state != LOADED:  # a hit is pushed only if the remote lacks it: no news
             self.status.notes.append(f"pushing to {remote.url} in the background")
 

@@ -513,6 +513,9 @@ class TrainerRun(StepRun):
         status.changed()
 
     # -- the remote output folder (remote.py, SPEC §7) ---------------------------------------
+    def _takes_lease(self) -> bool:
+        return self.main  # the other ranks of a distributed run follow the main process
+
     def push_checkpoints(self) -> None:
         """Queue the upload of every complete checkpoint not yet complete remotely (in the background)."""
         from .remote import get_remote

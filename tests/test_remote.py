@@ -307,3 +307,36 @@ def test_a_generation_killed_on_one_machine_is_finished_on_another_computing_onl
     c = machine(tmp_path, "c", url, [ASK], {**env, "CALLS_FILE": str(tmp_path / "c.calls")}, dump=["answers"])
     assert not (tmp_path / "c.calls").exists()  # a third machine computes nothing
     assert c.values["answers"] == b.values["answers"]
+
+
+# -- two machines on one bucket ----------------------------------------------------------------
+
+SLOW_STEP = """
+%%dreamer_step slow
+import time
+time.sleep(5)
+result = "computed once"
+"""
+
+
+def test_two_machines_on_one_bucket_one_runs_the_other_waits_and_loads(tmp_path, bucket):
+    """The lease in the bucket: a dead machine's expired lease is taken over; of two live machines
+    one runs, the other waits for its push and loads it from the remote."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, fs, env = bucket
+    lease = url.removeprefix("s3://") + "/.locks/slow.lease"
+    fs.pipe_file(lease, json.dumps({"machine": "dead-box", "token": "x", "expires": time.time() - 5}).encode())
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(machine, tmp_path, "a", url, [SLOW_STEP], env, ["result"])
+        time.sleep(1.0)
+        second = pool.submit(machine, tmp_path, "b", url, [SLOW_STEP], env, ["result"])
+        a, b = first.result(), second.result()
+    runs = sorted([a, b], key=lambda s: s.states[0] != "ran")
+    assert [s.states for s in runs] == [["ran"], ["loaded from remote"]], (a.statuses, b.statuses)
+    ran, loaded = runs
+    assert "took over the expired lease of dead-box" in ran.reasons()
+    assert "another machine" in loaded.reasons() and "waiting for it" in loaded.reasons()
+    assert loaded.values["result"]["repr"] == repr("computed once")
+    fs.invalidate_cache()
+    assert not fs.exists(lease)  # released once the push committed
