@@ -249,7 +249,13 @@ class DreamerMagics(Magics):
             from . import cache
 
             caches = cache.list_databases(out.cache_dir)
-        return render_overview(out.overview(), caches, folder=_shown_path(out.root))
+        rows, remote = out.overview(), None
+        import sys
+
+        mirror = sys.modules.get("dreamer_magic.remote")
+        if mirror is not None and mirror.get_remote() is not None:
+            rows, remote = mirror.status_rows(mirror.get_remote(), rows)
+        return render_overview(rows, caches, folder=_shown_path(out.root), remote=remote)
 
     def _why(self, args: Any) -> Any:
         from .render import render_why

@@ -221,6 +221,12 @@ class _Task:
         self.label, self.key, self.fn = label, key, fn
         self.files_done = 0
         self.files_total = 0
+        self.on_progress: Callable[[int, int, bool], Any] | None = None  # (done, total, finished)
+
+    def progressed(self, finished: bool = False) -> None:
+        if self.on_progress is not None:
+            with contextlib.suppress(Exception):  # a view that cannot update never stops a push
+                self.on_progress(self.files_done, self.files_total, finished)
 
 
 class Remote:
@@ -244,6 +250,7 @@ class Remote:
         self._idle = threading.Condition(self._pending_lock)
         self.errors: list[str] = []  # pushes given up after retries (shown by %dreamer status)
         self._uploaded: dict[str, tuple[int, int]] = {}  # remote path -> (size, mtime_ns) pushed by us
+        self._kinds: dict[str, str] = {}  # name_path -> "step"/"trainer", of what committed() found
         self._worker = threading.Thread(target=self._work, name="dreamer-remote-push", daemon=True)
         self._worker.start()
         atexit.register(self._at_exit)
@@ -296,10 +303,11 @@ class Remote:
             pass
 
     # -- the background queue -------------------------------------------------------------
-    def submit(self, label: str, key: str, fn: Callable[[_Task], None]) -> None:
-        """Run ``fn`` on the worker thread; a task already pending for ``key`` is replaced
-        by this one only once it has run (tasks run in order, one at a time)."""
+    def submit(self, label: str, key: str, fn: Callable[[_Task], None], on_progress: Callable[[int, int, bool], Any] | None = None) -> None:
+        """Run ``fn`` on the worker thread (tasks run in order, one at a time); ``on_progress(done,
+        total, finished)`` hears how many files it has uploaded."""
         task = _Task(label, key, fn)
+        task.on_progress = on_progress
         with self._pending_lock:
             self._pending.append(task)
         self._queue.put(task)
@@ -345,8 +353,11 @@ class Remote:
                 return
             try:
                 task.fn(task)
+                task.progressed(finished=True)
             except Exception as e:  # noqa: BLE001 - a push that failed is reported, never raised into a cell
                 self.errors.append(f"{task.label}: {type(e).__name__}: {e}")
+                task.files_total = -1
+                task.progressed(finished=True)
             finally:
                 with self._idle:
                     if task in self._pending:
@@ -354,7 +365,10 @@ class Remote:
                     self._idle.notify_all()
 
     # -- pushing a step or trainer folder -------------------------------------------------
-    def push_later(self, local_root: Path, name_path: str, meta_file: str, kind: str = "step", lease: "Lease | None" = None) -> None:
+    def push_later(
+        self, local_root: Path, name_path: str, meta_file: str, kind: str = "step", lease: "Lease | None" = None,
+        on_progress: Callable[[int, int, bool], Any] | None = None,
+    ) -> None:
         """Push the committed folder ``local_root/name_path`` in the background; the ``lease`` held
         on it is released once the push has committed (or failed)."""
 
@@ -365,7 +379,7 @@ class Remote:
                 if lease is not None:
                     lease.release()
 
-        self.submit(f"{kind} {name_path}", name_path, run)
+        self.submit(f"{kind} {name_path}", name_path, run, on_progress)
 
     def push_folder(self, local_root: Path, rel: str, meta_file: str, task: _Task | None = None) -> bool:
         """Mirror one committed folder (see the module docstring for the order). Returns whether
@@ -445,6 +459,7 @@ class Remote:
                 self._uploaded[rp] = (st.st_size, st.st_mtime_ns)
             if task is not None:
                 task.files_done += len(batch)
+                task.progressed()
 
     def _put(self, lpaths: list[str], rpaths: list[str]) -> None:
         if len(lpaths) == 1:
@@ -653,6 +668,7 @@ class Remote:
             meta = self.read_json(f) or {}
             if isinstance(meta.get("fingerprint"), str):
                 out["/".join(parts[:-1])] = meta["fingerprint"]
+                self._kinds["/".join(parts[:-1])] = "trainer" if parts[-1] == "trainer.json" else "step"
         return out
 
 
@@ -807,7 +823,9 @@ def compact_all(remote: Remote) -> tuple[int, int]:
 
 # -- the step lock, extended to the bucket ------------------------------------------------------
 LEASES = ".locks"  # <remote>/.locks/<name>.lease, as the local .locks/<name>.lock
-LEASE_TTL = 60.0  # seconds a lease lasts unless renewed (renewed every third of it while held)
+# Seconds a lease lasts unless renewed (renewed every third of it while held): how long a machine
+# waits for the lease of one that died. DREAMER_LEASE_TTL overrides it (shorter on a fast network).
+LEASE_TTL = float(os.environ.get("DREAMER_LEASE_TTL") or 30.0)
 LEASE_POLL = 1.0  # seconds between tries while another machine holds a lease
 
 
@@ -904,3 +922,30 @@ class Lease:
         if current is not None and current.get("token") == self.token:
             with contextlib.suppress(Exception):
                 self.remote.delete(self.rel)
+
+
+# -- %dreamer status ----------------------------------------------------------------------------
+def status_rows(remote: Remote, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Add ``where`` (``local``, ``remote``, ``both``) to ``%dreamer status`` rows, and rows for what
+    only the remote holds; also the remote's summary (url, pending uploads, failed pushes)."""
+    try:
+        committed = remote.committed()
+        reachable = True
+    except Exception:  # noqa: BLE001 - status never fails on an unreachable remote
+        committed, reachable = {}, False
+    out = []
+    for row in rows:
+        there = committed.pop(row["name"], None)
+        if not reachable:
+            where = "local (remote unreachable)"
+        elif there is None:
+            where = "local"
+        elif there == row.get("fingerprint"):
+            where = "both"
+        else:
+            where = "local (another version in the remote)"
+        out.append({**row, "where": where})
+    for name, fingerprint in sorted(committed.items()):
+        out.append({"name": name, "kind": remote._kinds.get(name, ""), "state": "complete", "size": None, "backups": "", "fingerprint": fingerprint, "where": "remote"})
+    pending = remote.pending()
+    return out, {"url": remote.url, "pending": pending, "errors": list(remote.errors[-3:])}

@@ -570,9 +570,25 @@ class StepRun:
             if lease is not None:
                 lease.release()
             return
-        remote.push_later(self.out.root, self.name_path, self.meta_file, self.spec.kind, lease=lease)
-        if self.status.state != LOADED:  # a hit is pushed only if the remote lacks it: no news
-            self.status.notes.append(f"pushing to {remote.url} in the background")
+        status = self.status
+        shown = status.state != LOADED  # a hit is pushed only if the remote lacks it: no news
+        note = f"pushing to {remote.url} in the background"
+
+        def progress(done: int, total: int, finished: bool) -> None:  # the card shows the upload
+            nonlocal note
+            if not shown:
+                return
+            if finished:
+                text = f"push to {remote.url} failed (see `%dreamer status`)" if total < 0 else f"pushed to {remote.url}"
+            else:
+                text = f"pushing to {remote.url}: {done}/{total} files"
+            status.notes[:] = [text if n == note else n for n in status.notes]
+            note = text
+            status.changed()
+
+        if shown:
+            status.notes.append(note)
+        remote.push_later(self.out.root, self.name_path, self.meta_file, self.spec.kind, lease=lease, on_progress=progress)
 
     def _code_changes(self, meta: dict | None) -> list[Reason]:
         """Which functions outside the notebook changed since the saved run (a changed module

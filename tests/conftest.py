@@ -81,6 +81,7 @@ def s3_server():
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
+        "DREAMER_LEASE_TTL": "3",  # a killed machine's lease expires in 3 s, not 30
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -48,13 +48,16 @@ def machine(tmp_path: Path, name: str, url: str, cells: list[str], env: dict, du
     return session(cwd, [f"%dreamer remote {url}", *cells], dump=list(dump), env=env, timeout=120)
 
 
-def killed_during_push(tmp_path: Path, name: str, url: str, cells: list[str], env: dict, block: str) -> None:
+def killed_during_push(
+    tmp_path: Path, name: str, url: str, cells: list[str], env: dict, block: str, sig: int = signal.SIGKILL, after: tuple = ()
+) -> int:
     """Run ``cells`` on a machine whose push blocks at ``block`` (a cell that instruments the
-    remote's filesystem and prints READY when it is reached), then SIGKILL it right there."""
+    remote's filesystem and prints READY when it is reached), then send ``sig`` right there.
+    ``after``: cells run after the last one (the machine busy with something else). Returns the exit code."""
     cwd = tmp_path / name
     cwd.mkdir(exist_ok=True)
     spec = {
-        "cells": [f"%dreamer remote {url}\n", *[textwrap.dedent(c).strip("\n") + "\n" for c in cells[:-1]], block, cells[-1]],
+        "cells": [f"%dreamer remote {url}\n", *[textwrap.dedent(c).strip("\n") + "\n" for c in cells[:-1]], block, cells[-1], *after],
         "dump": [],
         "output": str(cwd / "output"),
     }
@@ -76,8 +79,10 @@ def killed_during_push(tmp_path: Path, name: str, url: str, cells: list[str], en
         else:
             raise AssertionError("the machine ended before its push reached the blocking point:\n" + "".join(seen[-30:]))
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        proc.send_signal(sig)
+        code = proc.wait(60)
+        proc.stdout.close()
+    return code
 
 
 # A cell that makes the next push of "make-data" stop for good just before it writes step.json
@@ -160,6 +165,31 @@ def test_a_push_killed_at_any_moment_leaves_the_remote_step_committed_or_absent(
     if block is BLOCK_BEFORE_METADATA:  # a third machine loads what b pushed
         c = machine(tmp_path, "c", url, [STEP_V2], env, dump=["table"])
         assert c.states == ["loaded from remote"] and c.values["table"] == b.values["table"], c.statuses
+
+
+SLOW_METADATA = """
+import time as _t
+from dreamer_magic.remote import get_remote
+_fs = get_remote().fs
+_pipe = _fs.pipe_file
+def _slow(path, data, **kw):
+    if path.endswith("make-data/step.json"):
+        print("READY", flush=True)
+        _t.sleep(3)
+    return _pipe(path, data, **kw)
+_fs.pipe_file = _slow
+"""
+
+
+def test_sigterm_flushes_pending_uploads_before_the_machine_goes(tmp_path, bucket):
+    """The pre-emption notice: SIGTERM while a push is under way (and the kernel busy) waits for it,
+    then does what SIGTERM did before (here: the default, the process ends by the signal)."""
+    url, fs, env = bucket
+    code = killed_during_push(
+        tmp_path, "a", url, [STEP_V1], env, SLOW_METADATA, sig=signal.SIGTERM, after=("import time\ntime.sleep(120)",)
+    )
+    assert code == -signal.SIGTERM
+    assert "make-data/step.json" in remote_files(fs, url)
 
 
 def test_remote_needs_its_extra_and_load_ext_imports_nothing_remote(shell, tmp_path):
