@@ -425,10 +425,11 @@ class Remote:
             return
         self.delete(f"{dest}/{meta_file}")
         files = commit_order(self.listing(rel))
-        own_meta = [f for f in files if f == meta_file]
-        for f in [f for f in files if f != meta_file] + own_meta:
-            src, dst = self.path(f"{rel}/{f}"), self.path(f"{dest}/{f}")
-            retry(lambda s=src, d=dst: self.fs.copy(s, d))
+        data = [f for f in files if not is_meta(f)]
+        if data:  # every data file at once (server-side copies), then each metadata file, its own last
+            retry(lambda: self.fs.copy([self.path(f"{rel}/{f}") for f in data], [self.path(f"{dest}/{f}") for f in data]))
+        for f in [f for f in files if is_meta(f) and f != meta_file] + [f for f in files if f == meta_file]:
+            retry(lambda f=f: self.fs.copy(self.path(f"{rel}/{f}"), self.path(f"{dest}/{f}")))
 
     def upload(self, local: Path, rel: str, files: list[str], task: _Task | None = None) -> None:
         """Upload ``files`` (relative to ``local``) to ``rel``, in that order by groups: every data

@@ -127,8 +127,10 @@ def test_a_fresh_machine_loads_every_step_from_the_remote_in_the_seeds_layout(tm
         there = {k.removeprefix(step + "/"): v for k, v in remote_files(fs, url).items() if k.startswith(step + "/")}
         assert here == there and "step.json" in there, (step, here, there)
 
-    b = machine(tmp_path, "b", url, [STEP_V1, DOWNSTREAM, STEP_V1], env, dump=["arr", "table", "total"])
+    b = machine(tmp_path, "b", url, [STEP_V1, DOWNSTREAM, STEP_V1, "%dreamer status"], env, dump=["arr", "table", "total"])
     assert b.states == ["loaded from remote", "loaded from remote", "loaded from disk"], b.statuses  # then a local hit
+    status = [line.split() for line in b.stdout.splitlines() if line.startswith(("make-data ", "total "))]
+    assert [row[-1] for row in status] == ["both", "both"], b.stdout  # %dreamer status: where each entry is
     assert b.same_values(a), (a.values, b.values)
     assert "made 50000" in b.stdout  # the recorded output is replayed, as on any hit
 
