@@ -367,21 +367,22 @@ class Remote:
     # -- pushing a step or trainer folder -------------------------------------------------
     def push_later(
         self, local_root: Path, name_path: str, meta_file: str, kind: str = "step", lease: "Lease | None" = None,
-        on_progress: Callable[[int, int, bool], Any] | None = None,
+        on_progress: Callable[[int, int, bool], Any] | None = None, only_if_absent: bool = False,
     ) -> None:
         """Push the committed folder ``local_root/name_path`` in the background; the ``lease`` held
-        on it is released once the push has committed (or failed)."""
+        on it is released once the push has committed (or failed). ``only_if_absent`` (a local hit):
+        push only if the remote holds no committed version at all."""
 
         def run(task: _Task) -> None:
             try:
-                self.push_folder(local_root, name_path, meta_file, task)
+                self.push_folder(local_root, name_path, meta_file, task, only_if_absent=only_if_absent)
             finally:
                 if lease is not None:
                     lease.release()
 
         self.submit(f"{kind} {name_path}", name_path, run, on_progress)
 
-    def push_folder(self, local_root: Path, rel: str, meta_file: str, task: _Task | None = None) -> bool:
+    def push_folder(self, local_root: Path, rel: str, meta_file: str, task: _Task | None = None, *, only_if_absent: bool = False) -> bool:
         """Mirror one committed folder (see the module docstring for the order). Returns whether
         anything was uploaded (``False``: the remote already holds this very commit)."""
         local = Path(local_root, *rel.split("/"))
@@ -390,8 +391,8 @@ class Remote:
             return False  # changed again (or removed) since it committed: a later push follows
         meta_bytes = (local / meta_file).read_bytes()
         remote_meta = self.read_json(f"{rel}/{meta_file}")
-        if remote_meta == meta:
-            return False
+        if remote_meta == meta or (only_if_absent and remote_meta is not None):
+            return False  # there already, or another machine committed a newer version: not ours to replace
         if remote_meta is not None and isinstance(remote_meta.get("fingerprint"), str):
             self.backup_remote(rel, meta_file, remote_meta)
         self.delete(f"{rel}/{meta_file}")  # the remote step is absent from here on...

@@ -588,7 +588,10 @@ class StepRun:
 
         if shown:
             status.notes.append(note)
-        remote.push_later(self.out.root, self.name_path, self.meta_file, self.spec.kind, lease=lease, on_progress=progress)
+        remote.push_later(
+            self.out.root, self.name_path, self.meta_file, self.spec.kind, lease=lease, on_progress=progress,
+            only_if_absent=status.state == LOADED,
+        )
 
     def _code_changes(self, meta: dict | None) -> list[Reason]:
         """Which functions outside the notebook changed since the saved run (a changed module
