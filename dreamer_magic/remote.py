@@ -148,6 +148,12 @@ def local_files(folder: Path) -> list[str]:
 
 
 def _scratch(name: str) -> bool:
+    """Leftovers of interrupted writes (folders.leftover_kind), and lock files: never pushed."""
+    from . import folders
+
+    kind = getattr(folders, "leftover_kind", None)
+    if kind is not None and kind(name) is not None:
+        return True
     return bool(re.match(r"^\..+\.(tmp|trash)-", name)) or name.endswith(".lock")
 
 
