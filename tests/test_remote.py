@@ -372,3 +372,50 @@ def test_two_machines_on_one_bucket_one_runs_the_other_waits_and_loads(tmp_path,
     assert loaded.values["result"]["repr"] == repr("computed once")
     fs.invalidate_cache()
     assert not fs.exists(lease)  # released once the push committed
+
+
+# -- in one process, on a file:// remote ---------------------------------------------------------------
+
+
+@pytest.fixture
+def file_remote(ip, tmp_path):
+    pytest.importorskip("fsspec")
+    from dreamer_magic import remote
+
+    url = f"file://{tmp_path / 'bucket'}"
+    ip.run_line_magic("dreamer", f"remote {url}")
+    yield url, tmp_path / "bucket"
+    remote.set_remote(None)
+
+
+def test_a_damaged_remote_copy_is_a_miss_and_the_card_shows_the_upload(ip, tmp_path, file_remote):
+    import dreamer_magic
+    from dreamer_magic.remote import get_remote
+
+    url, bucket = file_remote
+    cell = "import numpy as np\nvalues = np.arange(1000)\n"
+    ip.run_cell_magic("dreamer_step", "numbers", cell)
+    status = dreamer_magic.last_status()
+    assert status.state == "ran"
+    assert get_remote().flush(60)
+    assert f"pushed to {url}" in [str(n) for n in status.notes]  # the card's note followed the upload
+    assert (bucket / "numbers" / "step.json").is_file()
+
+    # a fresh folder, but the bucket's copy has one flipped byte (same size): verified, not used
+    npy = next((bucket / "numbers" / "_outputs").glob("values*"))
+    data = bytearray(npy.read_bytes())
+    data[-1] ^= 0xFF
+    npy.write_bytes(bytes(data))
+    ip.run_line_magic("dreamer", f"output {tmp_path / 'fresh'}")
+    ip.run_cell_magic("dreamer_step", "numbers", cell)
+    status = dreamer_magic.last_status()
+    assert status.state == "ran", status
+    assert any("the remote copy was not used" in str(n) and "digest" in str(n) for n in status.notes), status.notes
+    assert list(ip.user_ns["values"][-3:]) == [997, 998, 999]
+    assert not list((tmp_path / "fresh").glob(".numbers.tmp-*"))  # the pulled temporary folder is gone
+
+    # the rerun's push repaired the bucket: a third folder loads it from the remote
+    assert get_remote().flush(60)
+    ip.run_line_magic("dreamer", f"output {tmp_path / 'third'}")
+    ip.run_cell_magic("dreamer_step", "numbers", cell)
+    assert dreamer_magic.last_status().state == "loaded from remote"
