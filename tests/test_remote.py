@@ -419,3 +419,51 @@ def test_a_damaged_remote_copy_is_a_miss_and_the_card_shows_the_upload(ip, tmp_p
     ip.run_line_magic("dreamer", f"output {tmp_path / 'third'}")
     ip.run_cell_magic("dreamer_step", "numbers", cell)
     assert dreamer_magic.last_status().state == "loaded from remote"
+
+
+def test_config_sets_the_remote_and_off_unsets_it(ip, tmp_path, capsys):
+    pytest.importorskip("fsspec")
+    from dreamer_magic import remote
+
+    url = f"file://{tmp_path / 'bucket'}"
+    ip.run_line_magic("config", f'DreamerMagics.remote = "{url}"')
+    try:
+        assert remote.get_remote() is not None and remote.get_remote().url == url
+        ip.run_line_magic("dreamer", "remote")
+        assert f"remote: {url}" in capsys.readouterr().out
+        ip.run_line_magic("dreamer", "remote off")
+        assert remote.get_remote() is None
+        assert "local only" in capsys.readouterr().out
+    finally:
+        remote.set_remote(None)
+
+
+def test_network_errors_are_retried_with_backoff_and_a_missing_object_is_not(monkeypatch):
+    from dreamer_magic import remote
+
+    waits = []
+    monkeypatch.setattr(remote.time, "sleep", waits.append)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "ok"
+
+    assert remote.retry(flaky) == "ok" and len(calls) == 3 and waits == [0.2, 0.4]
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("no such key")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        remote.retry(missing)
+    assert len(calls) == 1
+
+    def down():
+        raise ConnectionRefusedError("endpoint down")
+
+    with pytest.raises(ConnectionRefusedError):
+        remote.retry(down, attempts=4)
