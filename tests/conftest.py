@@ -66,7 +66,9 @@ def s3_server():
     """A real S3 API on loopback (moto's server, started here: no service for CI to run).
 
     Yields the environment a "machine" needs to reach it the usual way (``AWS_ENDPOINT_URL`` and
-    dummy credentials); the tests' own process gets it too. Each test uses its own bucket.
+    dummy credentials). The tests' own process is left as it was (its client is given the endpoint
+    explicitly), so nothing else in the session talks to this server by accident. Each test uses
+    its own bucket.
     """
     pytest.importorskip("s3fs")
     server_module = pytest.importorskip("moto.server")
@@ -83,16 +85,9 @@ def s3_server():
         "AWS_DEFAULT_REGION": "us-east-1",
         "DREAMER_LEASE_TTL": "3",  # a killed machine's lease expires in 3 s, not 30
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
         yield env
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()
 
 
@@ -105,6 +100,9 @@ def bucket(s3_server, request):
     import s3fs
 
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:6]
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    fs = s3fs.S3FileSystem(
+        skip_instance_cache=True, use_listings_cache=False, endpoint_url=s3_server["AWS_ENDPOINT_URL"],
+        key=s3_server["AWS_ACCESS_KEY_ID"], secret=s3_server["AWS_SECRET_ACCESS_KEY"],
+    )
     fs.mkdir(name)
     return f"s3://{name}/project/output", fs, s3_server
