@@ -270,10 +270,14 @@ class Remote:
         return posixpath.join(self.root, rel) if rel else self.root
 
     def read_json(self, rel: str) -> dict | None:
-        """A JSON object stored at ``rel``, or ``None`` if it is missing or not an object."""
+        """A JSON object stored at ``rel``, or ``None`` if it is missing or not an object.
+
+        A network error (after the retries) is raised, never read as "missing": a push that took
+        an unreachable ``step.json`` for an absent one would not back the old version up first.
+        """
         try:
             data = retry(lambda: self.fs.cat_file(self.path(rel)))
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:
             return None
         try:
             obj = json.loads(data)
