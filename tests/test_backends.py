@@ -216,6 +216,37 @@ def test_500_a_dropped_connection_and_a_slow_answer_are_retried(server, output):
     assert server.requests == 4
 
 
+def test_proxies_and_netrc_come_from_the_environment(server, output, monkeypatch, tmp_path):
+    """Looked up once per call (not per request, as aiohttp's trust_env does), with the same rules."""
+    import base64
+    import socket
+
+    from dreamer_magic import OpenAILLM
+
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login ann password secret\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    make(server).generate("a", max_new_tokens=2, temperature=0, progress=False)
+    assert server.headers[-1]["authorization"] == "Basic " + base64.b64encode(b"ann:secret").decode()
+    make(server, api_key="sk-test").generate("b", max_new_tokens=2, temperature=0, progress=False)
+    assert server.headers[-1]["authorization"] == "Bearer sk-test", "an api key wins over .netrc"
+
+    with socket.socket() as s:  # an address nothing listens on: only the proxy can answer
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")
+    OpenAILLM("tiny-gpt2", base_url=closed, concurrency=2).generate(
+        ["c", "d"], max_new_tokens=2, temperature=0, progress=False)
+    assert server.requests == 4, "both went through the proxy from HTTP_PROXY"
+    assert server.headers[-1]["proxy-authorization"] == "Basic " + base64.b64encode(b"ann:secret").decode()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with pytest.raises(DreamerError, match="connection problem"):
+        OpenAILLM("tiny-gpt2", base_url=closed, max_retries=0).generate("e", max_new_tokens=2, progress=False)
+    assert server.requests == 4, "NO_PROXY: sent straight to the closed address"
+
+
 def test_retries_run_out_with_a_clear_error(server, output):
     llm = make(server, max_retries=1)
     server.inject("500", "500")
