@@ -118,6 +118,10 @@ class Job:
     keys: list[str]
     samples: list[int]
     attempts: int = 0
+    # ``body``'s JSON is ``around[0] + <text as a JSON string> + around[1]``: the parts every
+    # prompt of a call shares (parameters, tools, the system prompt) are encoded once
+    around: tuple[str, str] | None = None
+    text: str = ""
 
     def request_body(self) -> dict:
         """The body to send: ``n`` for several samples, the seed moved on by the first sample index."""
@@ -128,8 +132,14 @@ class Job:
             body["seed"] = body["seed"] + self.samples[0]
         return body
 
+    def request_json(self) -> str:
+        """:meth:`request_body` as JSON text; only the prompt's text is encoded when the call shares the rest."""
+        if self.around is not None and len(self.keys) == 1 and not self.samples[0]:
+            return f"{self.around[0]}{json_str(self.text)}{self.around[1]}"
+        return json.dumps(self.request_body(), ensure_ascii=False, separators=(",", ":"))
+
     def rest(self, done: int) -> "Job":
-        return Job(self.body, self.keys[done:], self.samples[done:], self.attempts + 1)
+        return Job(self.body, self.keys[done:], self.samples[done:], self.attempts + 1, self.around, self.text)
 
 
 def answer(text: Any, finish_reason: Any, model: Any, system_fingerprint: Any, usage: Any,
@@ -346,6 +356,7 @@ class Backend:
             tails = [f',"sample":{s}}}' for s in range(n)]
             texts = items
             bodies_of = lambda i: {**params, "prompt": items[i]}  # noqa: E731
+            around = (params_json[:-1] + ("," if params else "") + '"prompt":', "}")
             per_sample = [_keys(head, items, t) for t in tails]
             request_of = lambda i, s: f"{head}{json_str(items[i])}{tails[s]}"  # noqa: E731
         else:
@@ -362,8 +373,11 @@ class Backend:
                 if conversations is None else (lambda i: {**params, "messages": conversations[i]})
             )
             start = f'{{"backend":{backend},"messages":'
+            around = None
             if conversations is None:  # the hot path: one head for every prompt
                 head = start + heads[0] + '{"content":'
+                around = (params_json[:-1] + ("," if params else "") + '"messages":' + heads[0]
+                          + '{"content":', ',"role":"user"}]}')
                 mid = ',"role":"user"}]'
                 per_sample = [_keys(head, items, mid + t) for t in tails]
                 request_of = lambda i, s: f"{head}{json_str(items[i])}{mid}{tails[s]}"  # noqa: E731
@@ -405,7 +419,8 @@ class Backend:
                     continue
                 for k, s in fresh:
                     requests_json[k] = request_of(i, s)
-                jobs.append(Job(bodies_of(i), [k for k, _ in fresh], [s for _, s in fresh]))
+                jobs.append(Job(bodies_of(i), [k for k, _ in fresh], [s for _, s in fresh], 0, around,
+                                texts[i] if around else ""))
             found.update(self._run_jobs(jobs, database, requests_json, progress))
         if n == 1:
             answers: list = list(map(found.__getitem__, per_sample[0]))

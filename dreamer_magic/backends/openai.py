@@ -96,6 +96,67 @@ def _from_environment(url: str, headers: dict) -> tuple[Any, Any] | None:
         return None, None
 
 
+class _Deadlines:
+    """One timer for every request in flight: a request past its deadline is cancelled as a timeout.
+
+    Examples
+    --------
+    >>> async with _Deadlines(600.0) as deadlines:  # doctest: +SKIP
+    ...     with deadlines.request():  # asyncio.TimeoutError after 600 s
+    ...         await client.post(...)
+
+    aiohttp's own ``total`` timeout schedules and cancels a timer for each request; this one task
+    looks at the requests in flight every ``tick`` seconds instead, so a request times out between
+    ``timeout`` and ``timeout + tick`` seconds after it started (``tick``: a twentieth of the
+    timeout, at most one second). Cancelling the request's task and turning that into a timeout is
+    what aiohttp's timer does too.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.tick = min(1.0, max(timeout / 20, 0.005))
+        self._due: dict[asyncio.Task, float] = {}  # the task of each request in flight: its deadline
+        self._expired: set[asyncio.Task] = set()
+        self._watch: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "_Deadlines":
+        self._watch = asyncio.ensure_future(self._run())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            now = time.monotonic()
+            for task in [t for t, due in self._due.items() if due <= now]:
+                del self._due[task]
+                self._expired.add(task)
+                task.cancel()
+
+    @contextlib.contextmanager
+    def request(self) -> Any:
+        """Around one request (in its own task); raises :class:`asyncio.TimeoutError` past the deadline."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._due[task] = time.monotonic() + self.timeout
+        try:
+            yield
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise  # a real cancel (an interrupt, the call ending)
+            if hasattr(task, "uncancel"):  # Python 3.11+: the cancel was ours, not the caller's
+                task.uncancel()
+            raise asyncio.TimeoutError from None
+        finally:
+            self._due.pop(task, None)
+            self._expired.discard(task)
+
+
 class OpenAILLM(Backend):
     """A model behind the OpenAI API or any compatible server, with every answer cached.
 
@@ -171,7 +232,9 @@ class OpenAILLM(Backend):
             headers["authorization"] = f"Bearer {self._api_key}"
         path = "/chat/completions" if self.mode == "chat" else "/completions"
         url = self.base_url + path
-        timeout = aiohttp.ClientTimeout(total=self.timeout, connect=min(self.timeout, 30.0))
+        # the whole request's timeout is ours (one timer for all, see _Deadlines); aiohttp's
+        # bounds only the opening of a new connection
+        timeout = aiohttp.ClientTimeout(total=None, connect=min(self.timeout, 30.0))
         connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency)
         # HTTP(S)_PROXY, NO_PROXY and .netrc are honoured as most HTTP clients do, looked up
         # once here: aiohttp's trust_env looks both up again in a worker thread for every
@@ -183,15 +246,18 @@ class OpenAILLM(Backend):
             if env[1] is not None:
                 via["proxy_headers"] = {"proxy-authorization": env[1].encode()}
         async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector,
-                                         trust_env=env is None) as client:
+                                         trust_env=env is None) as client, _Deadlines(self.timeout) as deadlines:
 
             async def send(job: Job) -> list[str]:
-                content = json.dumps(job.request_body(), ensure_ascii=False).encode()
+                content = job.request_json().encode()
+                retry_after = None
                 try:
-                    async with client.post(url, data=content, **via) as response:
-                        status = response.status
-                        raw = await response.read()
-                        retry_after = _retry_after(response.headers)
+                    with deadlines.request():
+                        async with client.post(url, data=content, **via) as response:
+                            status = response.status
+                            raw = await response.read()
+                            if status in RETRY_STATUS:
+                                retry_after = _retry_after(response.headers)
                 except asyncio.TimeoutError:
                     raise RetryableError(f"no answer within {self.timeout:g} s") from None
                 except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
