@@ -541,7 +541,7 @@ class _Runner:
     def __init__(self, members: list[Backend], jobs: list[Job]) -> None:
         self.members = members
         self.jobs = jobs
-        self.results: queue.Queue = queue.Queue()
+        self.results: queue.SimpleQueue = queue.SimpleQueue()  # C: cheaper than queue.Queue per answer
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
