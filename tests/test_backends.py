@@ -269,6 +269,29 @@ def test_a_4xx_raises_at_once_and_keeps_the_finished_answers(server, output):
         llm.generate(["p6"], max_new_tokens=3, temperature=0, progress=False)
 
 
+def test_an_interrupt_keeps_the_answers_that_came_back_and_is_not_a_timeout(server, output):
+    import _thread
+    import threading
+    import time
+
+    llm = make(server, concurrency=1, timeout=30)
+    server.inject("ok", "slow", delay=4.0)
+
+    def interrupt_once_the_slow_one_is_in_flight() -> None:
+        deadline = time.monotonic() + 60
+        while server.requests < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_the_slow_one_is_in_flight, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["i1", "i2", "i3"], max_new_tokens=3, temperature=0, progress=False)
+    assert llm.retries == [], "the cancelled request is not retried as a timeout"
+    assert llm.database.count() == 1, "the answer that came back is committed"
+    llm.generate(["i1", "i2", "i3"], max_new_tokens=3, temperature=0, progress=False)
+    assert server.requests == 2 + 2, "the re-run asks only for the two left"
+
+
 def test_cache_only_names_how_many_are_missing(server, output):
     llm = make(server)
     llm.generate(["a"], max_new_tokens=3, temperature=0, progress=False)

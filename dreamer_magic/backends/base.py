@@ -508,29 +508,31 @@ class Backend:
             return error
 
         runner.start()
+        taken: list = []  # answers taken from the runner, not committed yet (an interrupt commits them)
         try:
             while len(found) < total:
                 try:
-                    items = [runner.results.get(timeout=0.2)]
+                    taken.append(runner.results.get(timeout=0.2))
                 except queue.Empty:
-                    if not runner.alive():
-                        items = runner.drain()
-                        error = commit(items)
-                        if error is not None:
-                            raise error
-                        if len(found) < total:
-                            raise BackendError("the request runner stopped before every answer came back")
+                    if runner.alive():
+                        continue
+                    taken += runner.drain()
+                    error, taken = commit(taken), []
+                    if error is not None:
+                        raise error
+                    if len(found) < total:
+                        raise BackendError("the request runner stopped before every answer came back")
                     continue
                 # let answers that arrive together share one transaction (and one wake-up of
                 # this thread): at most COMMIT_EVERY_S seconds after the first of them
                 time.sleep(COMMIT_EVERY_S)
-                items += runner.drain()
-                error = commit(items)
+                taken += runner.drain()
+                error, taken = commit(taken), []
                 if error is not None:
                     raise error
         finally:
             runner.stop()
-            commit([i for i in runner.drain() if i[0] != "error"])
+            commit([i for i in taken + runner.drain() if i[0] != "error"])
             bar.close()
         return found
 
