@@ -524,8 +524,10 @@ class Backend:
                         raise BackendError("the request runner stopped before every answer came back")
                     continue
                 # let answers that arrive together share one transaction (and one wake-up of
-                # this thread): at most COMMIT_EVERY_S seconds after the first of them
-                time.sleep(COMMIT_EVERY_S)
+                # this thread): at most COMMIT_EVERY_S seconds after the first of them, unless
+                # they are the last ones (a call of one prompt commits at once)
+                if len(found) + sum(len(i[1]) for i in taken if i[0] == "rows") < total:
+                    time.sleep(COMMIT_EVERY_S)
                 taken += runner.drain()
                 error, taken = commit(taken), []
                 if error is not None:

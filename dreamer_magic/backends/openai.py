@@ -239,7 +239,7 @@ class OpenAILLM(Backend):
         # HTTP(S)_PROXY, NO_PROXY and .netrc are honoured as most HTTP clients do, looked up
         # once here: aiohttp's trust_env looks both up again in a worker thread for every
         # request, which cost three quarters of the client's time against a fast server
-        env = await asyncio.to_thread(_from_environment, url, headers)
+        env = _from_environment(url, headers)  # reads .netrc: a small file, once
         via: dict[str, Any] = {}  # the proxy, when there is one
         if env is not None and env[0] is not None:
             via["proxy"] = env[0]
