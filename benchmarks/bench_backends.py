@@ -15,7 +15,8 @@ Prints medians and [min-max] over ``--repeats`` rounds (the machine is shared):
   this process, every thread; the server's CPU is not counted, it is printed apart). The floor
   is a bare ``aiohttp`` loop doing the same requests (one session, ``--concurrency`` workers,
   each posting a JSON body and parsing the JSON answer), run in the same rounds, interleaved;
-  ``ours/bare`` is the median of the per-round ratios. Target: >= 2,000 requests/s.
+  ``ours/bare`` is the median of the per-round ratios. Target: >= 2,000 requests/s. Then
+  ``--calls`` calls of one fresh prompt each: calls/s (what a loop over rows pays per call).
 * **All-hit lookups.** ``OpenAILLM.generate`` on ``--n`` chat prompts of ``--prompt-chars``
   characters (2,000) that are all in the cache, with a system prompt: prompts per second; no
   request is sent (asserted). Target: >= 200,000 prompts/s.
@@ -178,7 +179,13 @@ def client_overhead(options, work: Path) -> None:
         def bare(r: int) -> int:
             return bare_aiohttp(url, [f"request {i} of round {r}" for i in range(n)], concurrency)
 
+        single: dict[str, list[float]] = {"wall": [], "cpu": []}
         for r in range(options.repeats):
+            c0, t0 = time.process_time(), time.perf_counter()
+            for i in range(options.calls):
+                llm.generate(f"one prompt {i} of round {r}", max_new_tokens=16, progress=False)
+            single["wall"].append(options.calls / (time.perf_counter() - t0))
+            single["cpu"].append(options.calls / max(time.process_time() - c0, 1e-9))
             for name, fn in ((("ours", ours), ("bare", bare)) if r % 2 == 0 else (("bare", bare), ("ours", ours))):
                 s0, c0, t0 = server_cpu(), time.process_time(), time.perf_counter()
                 sent = fn(r)
@@ -198,6 +205,8 @@ def client_overhead(options, work: Path) -> None:
         ratios = [a / b for a, b in zip(figures["ours"][what], figures["bare"][what])]
         print(f"  ours/bare ({what}): {spread(ratios, 2)}")
     print("  target: >= 2,000 requests/s")
+    print(f"  one fresh prompt per generate() call ({options.calls} calls a round): "
+          f"{spread(single['wall'])} calls/s wall, {spread(single['cpu'])} calls per client CPU-second")
 
 
 class _Filler(OpenAILLM):
@@ -219,6 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=300, help="one-prompt generate() calls a round")
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--prompt-chars", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)

@@ -603,7 +603,7 @@ class _Runner:
             workers = []
             for member in self.members:
                 call = await stack.enter_async_context(member._session())
-                for _ in range(member.concurrency):
+                for _ in range(min(member.concurrency, len(self.jobs))):  # no idle workers
                     workers.append(asyncio.ensure_future(self._worker(member, call, pending, finished)))
             try:
                 await finished.wait()
