@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import queue
 import random
 import threading
@@ -539,25 +540,60 @@ class Backend:
         return found
 
 
+_LOOP: tuple[int, asyncio.AbstractEventLoop, threading.Thread] | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def shared_loop() -> asyncio.AbstractEventLoop:
+    """This process's event loop for backend requests, running in a daemon thread.
+
+    One for every call and every backend, so that a backend can keep its connections open
+    from one ``generate`` call to the next (a loop per call closed them every time). Started
+    on first use, and again in a forked child (the parent's thread does not exist there).
+    """
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None or _LOOP[0] != os.getpid() or not _LOOP[2].is_alive():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="dreamer-backend", daemon=True)
+            thread.start()
+            _LOOP = (os.getpid(), loop, thread)
+        return _LOOP[1]
+
+
+def _after_fork_in_child() -> None:
+    global _LOOP_LOCK
+    _LOOP_LOCK = threading.Lock()  # it may have been held by another thread at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Runner:
-    """The event loop (in a helper thread) that runs jobs on every member backend's workers."""
+    """One call's jobs, run on every member backend's workers on the :func:`shared_loop`."""
 
     def __init__(self, members: list[Backend], jobs: list[Job]) -> None:
         self.members = members
         self.jobs = jobs
         self.results: queue.SimpleQueue = queue.SimpleQueue()  # C: cheaper than queue.Queue per answer
-        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
-        self._started = threading.Event()
+        self._done = threading.Event()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="dreamer-backend", daemon=True)
-        self._thread.start()
-        self._started.wait()
+        self._loop = shared_loop()
+        started = threading.Event()
+
+        def begin() -> None:
+            self._task = self._loop.create_task(self._run())
+            started.set()
+
+        self._loop.call_soon_threadsafe(begin)
+        started.wait()
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._task is not None and not self._done.is_set()
 
     def drain(self) -> list:
         out = []
@@ -568,28 +604,23 @@ class _Runner:
                 return out
 
     def stop(self) -> None:
-        if self._loop is not None and self._task is not None and self.alive():
+        """Cancel what is still running and wait until it has stopped."""
+        if self._loop is not None and self._task is not None and not self._done.is_set():
             try:
                 self._loop.call_soon_threadsafe(self._task.cancel)
-            except RuntimeError:  # the loop already closed
-                pass
-        if self._thread is not None:
-            self._thread.join()
+            except RuntimeError:  # the loop is closed (the interpreter is exiting)
+                return
+            self._done.wait()
 
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
+    async def _run(self) -> None:
         try:
-            self._task = loop.create_task(self._main())
-            self._started.set()
-            loop.run_until_complete(self._task)
+            await self._main()
         except asyncio.CancelledError:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the calling thread
             self.results.put(("error", e))
         finally:
-            self._started.set()
-            loop.close()
+            self._done.set()
 
     async def _main(self) -> None:
         pending = asyncio.Queue()

@@ -25,6 +25,7 @@ import email.utils
 import json
 import os
 import time
+import weakref
 from typing import Any, AsyncIterator
 
 from ..errors import DreamerError
@@ -157,6 +158,62 @@ class _Deadlines:
             self._expired.discard(task)
 
 
+# each OpenAILLM's open aiohttp session on the shared loop: (what it was made for, session, finalizer)
+_CLIENTS: "weakref.WeakKeyDictionary[Any, tuple[tuple, Any, weakref.finalize]]" = weakref.WeakKeyDictionary()
+
+
+async def _client(llm: "OpenAILLM", aiohttp: Any, headers: dict, trust_env: bool, via: dict) -> Any:
+    """``llm``'s aiohttp session, kept open from one call to the next (with its connections).
+
+    Made again when what it was made for changes (headers, the proxy, ``concurrency``, the
+    process); closed when ``llm`` is garbage-collected or the interpreter exits.
+    """
+    loop = asyncio.get_running_loop()
+    key = (os.getpid(), id(loop), sorted(headers.items()), trust_env, repr(via), llm.concurrency, llm.timeout)
+    held = _CLIENTS.get(llm)
+    if held is not None:
+        if held[0] == key and not held[1].closed:
+            return held[1]
+        held[2].detach()
+        if held[0][1] == key[1]:  # on this loop (a loop closed by the interpreter exiting: let it be)
+            await held[1].close()
+    # the whole request's timeout is ours (one timer for all, see _Deadlines); aiohttp's
+    # bounds only the opening of a new connection
+    timeout = aiohttp.ClientTimeout(total=None, connect=min(llm.timeout, 30.0))
+    connector = aiohttp.TCPConnector(limit=llm.concurrency, limit_per_host=llm.concurrency)
+    session = aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector, trust_env=trust_env)
+    _CLIENTS[llm] = (key, session, weakref.finalize(llm, _close_client, loop, session, os.getpid()))
+    return session
+
+
+def _forget_clients_after_fork() -> None:
+    """In a forked child: the parent's sessions are not ours to use or to close.
+
+    Their connections are the parent's (closing a TLS one would write on it), so they are only
+    marked closed, which also keeps aiohttp from warning about them; the child opens its own.
+    """
+    for _, session, finalizer in list(_CLIENTS.values()):
+        finalizer.detach()
+        with contextlib.suppress(Exception):
+            session._connector._closed = True
+            session._connector = None
+    _CLIENTS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_clients_after_fork)
+
+
+def _close_client(loop: asyncio.AbstractEventLoop, session: Any, pid: int) -> None:
+    """Close a session on its loop (from a finalizer: the backend went away, or the interpreter exits)."""
+    if os.getpid() != pid or loop.is_closed() or not loop.is_running():
+        return
+    future = asyncio.run_coroutine_threadsafe(session.close(), loop)
+    if asyncio._get_running_loop() is not loop:  # not on the loop's own thread: let it finish
+        with contextlib.suppress(Exception):
+            future.result(timeout=2)
+
+
 class OpenAILLM(Backend):
     """A model behind the OpenAI API or any compatible server, with every answer cached.
 
@@ -232,21 +289,17 @@ class OpenAILLM(Backend):
             headers["authorization"] = f"Bearer {self._api_key}"
         path = "/chat/completions" if self.mode == "chat" else "/completions"
         url = self.base_url + path
-        # the whole request's timeout is ours (one timer for all, see _Deadlines); aiohttp's
-        # bounds only the opening of a new connection
-        timeout = aiohttp.ClientTimeout(total=None, connect=min(self.timeout, 30.0))
-        connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency)
         # HTTP(S)_PROXY, NO_PROXY and .netrc are honoured as most HTTP clients do, looked up
-        # once here: aiohttp's trust_env looks both up again in a worker thread for every
+        # once a call: aiohttp's trust_env looks both up again in a worker thread for every
         # request, which cost three quarters of the client's time against a fast server
-        env = _from_environment(url, headers)  # reads .netrc: a small file, once
+        env = _from_environment(url, headers)  # reads .netrc: a small file
         via: dict[str, Any] = {}  # the proxy, when there is one
         if env is not None and env[0] is not None:
             via["proxy"] = env[0]
             if env[1] is not None:
                 via["proxy_headers"] = {"proxy-authorization": env[1].encode()}
-        async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector,
-                                         trust_env=env is None) as client, _Deadlines(self.timeout) as deadlines:
+        client = await _client(self, aiohttp, headers, env is None, via)
+        async with _Deadlines(self.timeout) as deadlines:
 
             async def send(job: Job) -> list[str]:
                 content = job.request_json().encode()
