@@ -41,9 +41,11 @@ Samples and seeds
     so that a server honouring seeds returns different samples, and the same ones again.
 
 Running the misses
-    Requests run concurrently (``concurrency=`` per backend) on an event loop in a helper
-    thread; the calling thread commits every finished response as it arrives (many in one
-    transaction when they arrive together), so an interrupt loses only the requests in flight.
+    Requests run concurrently (``concurrency=`` per backend) on one event loop per process, in
+    a helper thread (:func:`shared_loop`: a backend's connections stay open between calls);
+    the calling thread commits every finished response as it arrives (many in one transaction
+    when they arrive together, at most ``COMMIT_EVERY_S`` later), so an interrupt loses only
+    the requests in flight.
     429s, 5xx answers, timeouts and dropped connections are retried with exponential backoff
     and jitter, waiting what ``Retry-After`` asks for when the server sends it; other 4xx
     answers raise :class:`BackendError` at once, after committing what had finished.

@@ -11,10 +11,19 @@ Examples
 The client is a small one of our own over ``aiohttp`` (the ``[openai]`` extra), not the
 ``openai`` package nor ``httpx``: the cache needs only two endpoints and the raw JSON of the
 answer, and on this project's 2-core machine ``httpx.AsyncClient`` (which the ``openai`` package
-runs on) managed 65-130 requests/s against an instant local server, where ``aiohttp`` made
-about 1,600 (a raw asyncio client 3,300, so the server was not the limit). aiohttp also brings
-TLS, proxies from the environment (``trust_env``) and chunked answers. Retries, backoff and
-``Retry-After`` are ours, the same for every backend. See :mod:`.base` for the keys.
+runs on) managed 65-130 requests/s against an instant local server, where a bare ``aiohttp``
+loop makes 4,000-6,500 (``benchmarks/bench_backends.py --part client``). aiohttp also brings
+TLS and chunked answers. Retries, backoff and ``Retry-After`` are ours, the same for every
+backend. See :mod:`.base` for the keys.
+
+What keeps the client's own cost near the bare loop's (about 0.75-0.9 of its requests per CPU
+second): ``HTTP(S)_PROXY``, ``NO_PROXY`` and ``.netrc`` are looked up once a call, not per
+request (aiohttp's ``trust_env`` does that in a worker thread and cost three quarters of the
+client's time); one timer task watches every request in flight (:class:`_Deadlines`); only the
+prompt is JSON-encoded per request (:meth:`.base.Job.request_json`); and each backend keeps its
+session, and so its connections, open from one call to the next on the loop every backend
+shares (:func:`.base.shared_loop`), so a loop of one-prompt calls does not open a connection
+(and a TLS handshake) per call.
 """
 
 from __future__ import annotations
@@ -240,7 +249,8 @@ class OpenAILLM(Backend):
     concurrency
         Requests in flight at once (default 16).
     timeout
-        Seconds one request may take before it is retried (default 600).
+        Seconds one request may take before it is retried (default 600; checked a twentieth
+        of it, at most a second, apart).
     max_retries
         Retries of one request (429, 5xx, timeouts, dropped connections) before giving up.
     name
