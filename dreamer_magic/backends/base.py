@@ -585,6 +585,8 @@ class _Runner:
 
     def start(self) -> None:
         self._loop = shared_loop()
+        if asyncio._get_running_loop() is self._loop:  # it would wait on itself forever
+            raise DreamerError("generate() cannot be called from the backends' own event loop thread")
         started = threading.Event()
 
         def begin() -> None:
