@@ -128,6 +128,7 @@ class _Deadlines:
         self._due: dict[asyncio.Task, float] = {}  # the task of each request in flight: its deadline
         self._expired: set[asyncio.Task] = set()
         self._watch: asyncio.Task | None = None
+        self._request = _Request(self)
 
     async def __aenter__(self) -> "_Deadlines":
         self._watch = asyncio.ensure_future(self._run())
@@ -148,23 +149,34 @@ class _Deadlines:
                 self._expired.add(task)
                 task.cancel()
 
-    @contextlib.contextmanager
-    def request(self) -> Any:
+    def request(self) -> "_Request":
         """Around one request (in its own task); raises :class:`asyncio.TimeoutError` past the deadline."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._due[task] = time.monotonic() + self.timeout
-        try:
-            yield
-        except asyncio.CancelledError:
-            if task not in self._expired:
-                raise  # a real cancel (an interrupt, the call ending)
-            if hasattr(task, "uncancel"):  # Python 3.11+: the cancel was ours, not the caller's
-                task.uncancel()
+        return self._request
+
+
+class _Request:
+    """``with deadlines.request():`` (a class, not a generator: it is entered for every request)."""
+
+    __slots__ = ("deadlines",)
+
+    def __init__(self, deadlines: _Deadlines) -> None:
+        self.deadlines = deadlines
+
+    def __enter__(self) -> None:
+        d = self.deadlines
+        d._due[asyncio.current_task()] = time.monotonic() + d.timeout
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> bool:
+        d, task = self.deadlines, asyncio.current_task()
+        d._due.pop(task, None)
+        if task not in d._expired:
+            return False
+        d._expired.discard(task)  # the cancel was ours: it ends here
+        if hasattr(task, "uncancel"):  # Python 3.11+
+            task.uncancel()
+        if kind is not None and issubclass(kind, asyncio.CancelledError):
             raise asyncio.TimeoutError from None
-        finally:
-            self._due.pop(task, None)
-            self._expired.discard(task)
+        return False  # the request failed otherwise meanwhile: that error goes on as it is
 
 
 # each OpenAILLM's open aiohttp session on the shared loop: (what it was made for, session, finalizer)
