@@ -71,6 +71,8 @@ from ..errors import CacheMissError, DreamerError
 __all__ = ["Backend", "BackendError", "Job", "Retry", "RetryableError", "answer", "missing_extra", "openai_rows"]
 
 COMMIT_EVERY_S = 0.02  # finished answers wait at most this long for their commit
+# made once: json.dumps(..., separators=...) builds a new encoder for every answer
+_META_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 # request fields that generate() sets itself
 _RESERVED = {
@@ -166,7 +168,7 @@ def answer(text: Any, finish_reason: Any, model: Any, system_fingerprint: Any, u
     usage = usage if isinstance(usage, dict) else {}
     prompt = float(usage.get("prompt_tokens") or 0) / share
     completion = float(usage.get("completion_tokens") or 0) / share
-    return json_str(text), json.dumps(meta, ensure_ascii=False, separators=(",", ":")), prompt, completion
+    return json_str(text), _META_JSON.encode(meta), prompt, completion
 
 
 def openai_rows(data: Any, chat: bool) -> list[tuple]:
