@@ -42,11 +42,13 @@ from .fingerprint import (
     source_of,
 )
 from .folders import OutputFolder, get_output_folder, now_iso, read_json, read_meta, tree_digest, validate_name, write_json_atomic
-from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status, value_preview
+from .folders import WRITE_REFUSED, interrupts_deferred, saving_into
+from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status, value_preview
 
 STEP_FILE = "step.json"
 REPLAY_FILE = "replay.json"
 RNG_FILE = "rng_state.json"  # the global RNG state the body left, set again on a hit
+INTERRUPTED_NOTHING_SAVED = "interrupted: nothing saved, the previous result is kept"
 
 class _Active(threading.local):
     """The steps running now in this thread, outermost first (a step called from a worker
@@ -154,7 +156,7 @@ def _source_fingerprint(source: str) -> str:
 def _analysis(source: str, transform: Callable[[str], str] | None) -> tuple[Any, list[str]]:
     """The cell analysis and loop temporaries of ``source`` (pure, so kept for the next run of
     the same cell: a hit's fixed cost). Callers must not change what it returns."""
-    return analyze(source, transform=transform), loop_names(source)
+    return analyze(source, transform=transform, first_line=2), loop_names(source)  # the body starts under its %%dreamer_ line
 
 
 def input_previews(inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -219,26 +221,27 @@ def why(
     """
     if meta is None:
         return [Reason.first_run(problem)]
-    old = meta.get("components") or {}
+    old = _dict(meta.get("components"))  # a hand-edited record counts as "changed", never a traceback
     reasons = []
     if old.get("format") != components.get("format"):
         reasons.append(Reason.format_changed())
     if old.get("source") != components.get("source"):
-        changes = line_changes(meta.get("source", ""), source, first_line=first_line)
+        before = meta.get("source")
+        changes = line_changes(before if isinstance(before, str) else "", source, first_line=first_line)
         reasons.append(Reason.code_changed(Reason.code_line(*change) for change in changes))
-    old_inputs, new_inputs = old.get("inputs") or {}, components.get("inputs") or {}
-    old_previews, new_previews = meta.get("input_previews") or {}, previews or {}
+    old_inputs, new_inputs = _dict(old.get("inputs")), components.get("inputs") or {}
+    old_previews, new_previews = _dict(meta.get("input_previews")), previews or {}
     for name in new_inputs:
         if name not in old_inputs:
             reasons.append(Reason.input_added(name))
         elif old_inputs[name] != new_inputs[name]:
-            reasons.append(_input_reason(name, old_previews.get(name) or {}, new_previews.get(name) or {}))
+            reasons.append(_input_reason(name, _dict(old_previews.get(name)), new_previews.get(name) or {}))
     for name in old_inputs:
         if name not in new_inputs:
             reasons.append(Reason.input_gone(name))
     if old.get("version") != components.get("version"):
         reasons.append(Reason.version_changed(old.get("version"), components.get("version")))
-    old_libs, new_libs = old.get("libraries") or {}, components.get("libraries") or {}
+    old_libs, new_libs = _dict(old.get("libraries")), components.get("libraries") or {}
     for lib in sorted(set(old_libs) | set(new_libs)):
         if old_libs.get(lib) != new_libs.get(lib):
             reasons.append(Reason.library_changed(lib, old_libs.get(lib), new_libs.get(lib)))
@@ -249,6 +252,10 @@ def why(
     if old.get("kind") != components.get("kind"):
         reasons.append(Reason.kind_changed(str(old.get("kind")), str(components.get("kind"))))
     return reasons or [Reason.note("fingerprint changed")]
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 class _Tee:
@@ -392,6 +399,8 @@ class StepRun:
         self.meta: dict | None = None  # step.json of the result loaded
         self.cell_info: Any = None  # the cell analysis (cell steps), for notes on what it cannot analyse
         self.started: float | None = None  # perf_counter() when the cell began (the magic's entry)
+        self.load_from: Path | None = None  # a backup loaded where it is (a read-only output folder)
+        self.committed = False  # the new result is in place (an interrupt after this loses nothing)
         # Where this step's folder and its backups live: the output folder, or for a nested
         # step the folder its parent is writing (so nested backups travel with the parent).
         if self.parent is None:
@@ -445,16 +454,50 @@ class StepRun:
 
         lock_name = self.name_path if self.parent is None else self.name_path + ".nested"
         _ACTIVE.runs.append(self)
+        lease = None
         try:
             with self.out.lock(lock_name, on_wait=waiting):
+                lease = self._remote_lease()
                 status.state = RUNNING
+                self._refuse_name_clash()
                 if self.parent is None:
                     self.out.clean_temps(self.final)
-                return self._decide_and_go(components, fp, started)
+                values = self._decide_and_go(components, fp, started)
+                self._push_to_remote(lease)
+                lease = None  # the push releases it once the remote copy is committed
+                return values
         finally:
+            if lease is not None:
+                lease.release()
             _ACTIVE.runs.remove(self)
             status.duration = time.perf_counter() - started
             status.changed()
+
+    def _refuse_name_clash(self) -> None:
+        """Two names that map to one folder (``My Step`` and ``my-step``, or a step and a trainer
+        of one name) never share it: the folder's metadata records the name that wrote it.
+
+        Folders written before names were recorded (no ``name``) keep working; ``--force``
+        lets this name take the folder over (the other result goes to ``_backups``).
+        """
+        if self.spec.force:
+            return
+        for meta_file, kind in ((STEP_FILE, "step"), ("trainer.json", "trainer"), (".in-progress.json", "trainer")):
+            recorded = read_json(self.final / meta_file)
+            if recorded is None:
+                continue
+            name = recorded.get("name")
+            if (isinstance(name, str) and name != self.spec.name) or kind != self.spec.kind:
+                other = f"the {kind} {name!r}" if isinstance(name, str) else f"a {kind}"
+                message = (
+                    f"the {self.spec.kind} {self.spec.name!r} and {other} map to the same folder "
+                    f"{self.folder_name!r} (names are lower-cased and spaces become '-'), which holds the "
+                    f"result of {other}: give this {self.spec.kind} another name, or, if it is the same one "
+                    "renamed, run it once with --force (the old result goes to _backups)"
+                )
+                self.status.state, self.status.error = FAILED, message
+                raise DreamerError(message)
+            return
 
     def _decide_and_go(self, components: dict, fp: str, started: float) -> dict[str, Any]:
         __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
@@ -467,7 +510,7 @@ class StepRun:
         if not spec.force:
             for state, found in self._candidates(current, fp, changed):
                 try:
-                    return self._load(self.final, found, state, started)
+                    return self._load(self.load_from or self.final, found, state, started)
                 except PickleRefusedError:
                     raise
                 except StorageError as e:
@@ -494,13 +537,119 @@ class StepRun:
             yield LOADED, current
         found = self.home.find_backup(self.key, fp, self.meta_file)
         if found is not None and self._dependencies_hold(found[1], changed):
-            restored = self.home.restore(self.key, fp, self.meta_file)
+            try:
+                restored = self.home.restore(self.key, fp, self.meta_file)
+            except OSError as e:  # a read-only output folder: load the backup where it is
+                if e.errno not in WRITE_REFUSED or not found[0].is_dir():
+                    raise
+                self.load_from = found[0]
+                restored = found[1]
+                self.status.notes.append("the output folder is read-only: loaded the backup where it is")
             if restored is not None:
                 yield RESTORED, restored
+                self.load_from = None
         if self.parent is not None:
             carried = self._carry_over(fp)
             if carried is not None and self._dependencies_hold(carried, changed):
                 yield LOADED, carried
+        else:
+            pulled = self._pull_from_remote(fp, changed)
+            if pulled is not None:
+                yield PULLED, pulled
+
+    # -- the remote output folder (remote.py, SPEC §7) -------------------------------------
+    def _pull_from_remote(self, fp: str, changed: list) -> dict | None:
+        """A local miss: a committed remote copy with ``fp`` (in place, else in ``_backups``) is
+        pulled into a temporary folder, verified, and renamed into place (what is there goes to
+        the local backups). ``None`` when the remote has none (or it could not be used)."""
+        from .remote import get_remote
+
+        remote = get_remote()
+        if remote is None:
+            return None
+        try:
+            found = remote.find(self.name_path, fp, self.meta_file)
+            if found is None or not self._dependencies_hold(found[1], changed):
+                return None
+            where, meta = found
+            self.status.notes.append(f"pulling from {remote.url}/{where}")
+            self.status.changed()
+            problem = remote.pull_into_place(
+                where, meta, self.meta_file, self.final,
+                lambda: self.home.move_to_backup(self.final, self.key, self.meta_file),
+            )
+        except Exception as e:  # noqa: BLE001 - an unreachable remote is a miss, never a failed cell
+            problem = f"{type(e).__name__}: {e}"
+        self.status.notes[:] = [n for n in self.status.notes if not str(n).startswith("pulling from ")]
+        if problem is not None:
+            self.status.notes.append(f"the remote copy was not used: {problem}")
+            return None
+        return meta
+
+    def _remote_lease(self) -> Any:
+        """With a remote, hold this step's lease in the bucket (another machine running it: wait,
+        then load its result). ``None`` without a remote, for a nested step, or when the remote
+        cannot be reached (then the local lock alone guards it, and a note says so)."""
+        from .remote import get_remote
+
+        remote = get_remote()
+        if remote is None or self.parent is not None or not self._takes_lease():
+            return None
+        from .remote import Lease
+
+        status = self.status
+
+        def waiting(holder: str) -> None:
+            status.state = WAITING
+            status.notes.append(f"another machine ({holder}) is running this {self.spec.kind}; waiting for it, then loading its result")
+            status.changed()
+
+        lease = Lease(remote, self.name_path)
+        try:
+            lease.acquire(on_wait=waiting)
+        except Exception as e:  # noqa: BLE001 - an unreachable remote never stops a local run
+            status.notes.append(f"the remote lease could not be taken ({type(e).__name__}: {e}); running under the local lock only")
+            return None
+        if lease.took_over:
+            status.notes.append(f"took over the expired lease of {lease.took_over} (it stopped renewing it)")
+        return lease
+
+    def _takes_lease(self) -> bool:
+        """Whether this process takes part in the bucket lease (trainers: the main process only)."""
+        return True
+
+    def _push_to_remote(self, lease: Any = None) -> None:
+        """After a top-level step or trainer commits (or is loaded while the remote lacks it),
+        queue its push; it runs in the background, metadata last, and releases ``lease`` after."""
+        from .remote import get_remote
+
+        remote = get_remote()
+        if remote is None or self.parent is not None or self.status.state == PULLED or read_meta(self.final, self.meta_file)[0] is None:
+            if lease is not None:
+                lease.release()
+            return
+        status = self.status
+        shown = status.state != LOADED  # a hit is pushed only if the remote lacks it: no news
+        note = f"pushing to {remote.url} in the background"
+
+        def progress(done: int, total: int, finished: bool) -> None:  # the card shows the upload
+            nonlocal note
+            if not shown:
+                return
+            if finished:
+                text = f"push to {remote.url} failed (see `%dreamer status`)" if total < 0 else f"pushed to {remote.url}"
+            else:
+                text = f"pushing to {remote.url}: {done}/{total} files"
+            status.notes[:] = [text if n == note else n for n in status.notes]
+            note = text
+            status.changed()
+
+        if shown:
+            status.notes.append(note)
+        remote.push_later(
+            self.out.root, self.name_path, self.meta_file, self.spec.kind, lease=lease, on_progress=progress,
+            only_if_absent=status.state == LOADED,
+        )
 
     def _code_changes(self, meta: dict | None) -> list[Reason]:
         """Which functions outside the notebook changed since the saved run (a changed module
@@ -599,7 +748,13 @@ class StepRun:
     def _run_and_save(self, components: dict, fp: str, started: float) -> dict[str, Any]:
         __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status, spec = self.status, self.spec
-        self.tmp = self.out.new_temp(self.final)
+        try:
+            with saving_into(self.out.root, f"{spec.kind} {spec.name!r}"):
+                self.tmp = self.out.new_temp(self.final)
+        except DreamerError as e:
+            status.state = FAILED
+            status.error = str(e)
+            raise
         records: list = []
         try:
             status.changed()
@@ -615,7 +770,11 @@ class StepRun:
         except KeyboardInterrupt:
             self._discard()
             status.state = INTERRUPTED
-            status.error = "interrupted: nothing was saved; the previous result is untouched"
+            status.error = (
+                "interrupted after the result was saved: it is kept and loads on the next run"
+                if self.committed
+                else INTERRUPTED_NOTHING_SAVED
+            )
             raise
         except BaseException as e:
             self._discard()
@@ -731,8 +890,10 @@ class StepRun:
         write_replay(self.tmp, records)
         meta = self.metadata(components, fp, entries, duration)
         final = self.final
-        moved = self.home.commit(self.tmp, final, self.key, self.meta_file, meta)
-        self.tmp = None
+        with interrupts_deferred():  # a commit is never cut in half by Ctrl-C
+            moved = self.home.commit(self.tmp, final, self.key, self.meta_file, meta)
+            self.tmp = None
+            self.committed = True
         if moved and self.parent is None:
             self.status.notes.append(f"previous result kept in {moved}")
         self._note_outputs(final, entries)
@@ -1040,7 +1201,7 @@ def run_cell_step(
     run.started = started
     values = run.run()
     namespace.update(values)
-    if run.status.state in (LOADED, RESTORED):
+    if run.status.state in (LOADED, RESTORED, PULLED):
         leave_as_run_left(namespace, info, run.meta)
     return run.status
 
