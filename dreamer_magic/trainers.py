@@ -281,6 +281,11 @@ class TrainerRun(StepRun):
         self._moved: str | None = None  # where the previous folder went when this run started
         self._resumed = False
         self.attached: dict[str, tuple[str, str]] = {}  # output -> (Trainer input, attribute) it came from
+        # hooks for distributed.py: called where training would start (under the lock), once the folder is
+        # ready to train in (rank 0 prepared it), and context managers entered around the body
+        self.before_training: Callable[["TrainerRun"], None] | None = None
+        self.folder_ready: Callable[[], Any] | None = None
+        self.around_body: list[Callable[[], Any]] = []
 
     # -- where things are ---------------------------------------------------------
     @property
@@ -410,8 +415,12 @@ class TrainerRun(StepRun):
     def _run_and_save(self, components: dict, fp: str, started: float) -> dict[str, Any]:
         __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status, spec = self.status, self.spec
+        if self.before_training is not None:
+            self.before_training(self)
         if self.main:
             self._prepare_folder(components, fp)
+        if self.folder_ready is not None:
+            self.folder_ready()
         self._note_outside_seed()
         self.live.begin(0, None)
         records: list = []
@@ -421,7 +430,9 @@ class TrainerRun(StepRun):
         try:
             try:
                 tracer = self._tracer()
-                with self.frontend.capture(records), patched_trainer(self), tracer:
+                with self.frontend.capture(records), patched_trainer(self), tracer, contextlib.ExitStack() as around:
+                    for enter in self.around_body:
+                        around.enter_context(enter())
                     namespace = self.execute()
             finally:
                 self.finished = True
@@ -802,12 +813,13 @@ def run_cell_trainer(
     raw: str | None = None,
     resume: bool = True,
     status: Status | None = None,
+    setup: Callable[[TrainerRun], Any] | None = None,
     **options: Any,
 ) -> Status:
     """Run a cell as a trainer: fingerprint, then load (hit), restore, resume or train; put outputs in ``namespace``.
 
     The ``frontend`` runs the body and re-runs its definitions on a hit; ``resume=False`` is
-    ``--no-resume``; ``options`` are those of :func:`dreamer_magic.steps.cell_spec`
+    ``--no-resume``; ``setup(run)`` may set the run's hooks first (distributed.py does); ``options`` are those of :func:`dreamer_magic.steps.cell_spec`
     (``inputs``, ``outputs``, ``version``, ``force``, ``replay``, ``allow_pickle``, ``exclude``).
     """
     __tracebackhide__ = True  # noqa: F841
@@ -823,6 +835,8 @@ def run_cell_trainer(
         frontend=frontend,
     )
     run.cell_info = info
+    if setup is not None:
+        setup(run)
     values = run.run()
     namespace.update(values)
     if run.status.state in (LOADED, RESTORED):

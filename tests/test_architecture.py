@@ -32,6 +32,7 @@ ORDER = [
     "checkpointer",
     "hf_trainer",
     "trainers",
+    "distributed",
     "widgets",
     "frontend",
     "magics",
