@@ -102,10 +102,12 @@ def run_cell_trainer(
         except _TrainInWorkers:
             pass
         started = time.perf_counter()
-        final = _launch(processes, name, source, namespace, card.inner, status, options)
-        _reload(name, source, namespace, card, status, options, final, processes)
-        status.duration = time.perf_counter() - started
-        status.changed()
+        try:
+            final = _launch(processes, name, source, namespace, card.inner, status, options)
+            _reload(name, source, namespace, card, status, options, final, processes)
+        finally:
+            status.duration = time.perf_counter() - started
+            status.changed()
         return status
     finally:
         card.finish()
@@ -283,8 +285,8 @@ def _default_signals() -> Iterator[None]:
     the kernel installed), and put the kernel's handlers back."""
     saved = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(ValueError, OSError):
-            saved[sig] = signal.getsignal(sig)
+        with contextlib.suppress(ValueError, OSError, TypeError):
+            saved[sig] = signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
     try:
         yield
     finally:
@@ -360,6 +362,11 @@ def _worker(job: _Job) -> None:
     """One worker (runs in the forked process): the ordinary trainer lifecycle, on this rank."""
     __tracebackhide__ = True  # noqa: F841
     rank = int(os.environ.get("RANK", "0"))
+    if os.environ.get("DREAMER_DEBUG_WORKERS"):
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["DREAMER_DEBUG_WORKERS"]), file=sys.__stderr__)
+    _single_threaded()
     _fresh_accelerate_state()
     status = Status(kind="trainer", name=job.name)
     frontend = _WorkerFrontend(job.frontend, job.writer if rank == 0 else None, job.namespace)
@@ -375,6 +382,15 @@ def _worker(job: _Job) -> None:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
+
+
+def _single_threaded() -> None:
+    """One CPU thread per worker: the kernel's OpenMP thread pool does not survive fork (a forked process
+    that starts a parallel region the kernel already ran hangs), as in torch's own data-loader workers."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # accelerate would raise it again
+    torch.set_num_threads(1)
 
 
 def _no_display(value: Any) -> None:
@@ -496,11 +512,23 @@ def refuse_launches(run: Any) -> Iterator[None]:
             started.append(getattr(target, "__qualname__", None) or repr(target))
         original(process)
 
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise DreamerError(
+            f"the trainer {name!r} calls notebook_launcher, which trains copies of the model in processes this kernel "
+            f"never sees: use `%%dreamer_train {name} --processes N` and call the training function directly in the cell"
+        )
+
+    launchers = [(m, "notebook_launcher") for m in (sys.modules.get("accelerate"), sys.modules.get("accelerate.launchers")) if m is not None]
+    saved = [(m, attr, getattr(m, attr, None)) for m, attr in launchers]
     multiprocessing.process.BaseProcess.start = start
+    for module, attr, _ in saved:
+        setattr(module, attr, refused)
     try:
         yield
     finally:
         multiprocessing.process.BaseProcess.start = original
+        for module, attr, value in saved:
+            setattr(module, attr, value)
     if started and not run.trainers and not run.checkpointers:
         raise DreamerError(
             f"the trainer {name!r} started processes of its own ({', '.join(started[:3])}) and trained nothing in this "
