@@ -362,11 +362,32 @@ class TrainerRun(StepRun):
     def _load_values(self, folder: Path, entries: dict) -> dict[str, Any]:
         """Models with ``from_pretrained``; plain modules trained in place get their weights back."""
         namespace = ChainMap(self.namespace, self.spec.inputs)
-        values = load_outputs(folder, entries, allow_pickle=self.spec.allow_pickle, namespace=namespace)
+        arguments = {n: e for n, e in entries.items() if e.get("storage") == "training_args"}
+        others = {n: e for n, e in entries.items() if n not in arguments}
+        values = load_outputs(folder, others, allow_pickle=self.spec.allow_pickle, namespace=namespace)
+        values.update(self._load_arguments(folder, arguments))
         for name, entry in entries.items():
             into = entry.get("into")
             if isinstance(into, str) and name in values:
                 values[name] = self._put_back(values[name], into, folder)
+        return values
+
+    def _load_arguments(self, folder: Path, entries: dict) -> dict[str, Any]:
+        """``TrainingArguments``; one saved by a distributed run that cannot be rebuilt in this process
+        (``ddp_backend="gloo"`` needs a process group) is left as it was, with a note, instead of retraining."""
+        from .storage import load_value
+
+        values: dict[str, Any] = {}
+        for name, entry in entries.items():
+            if not (folder / str(entry.get("path") or "")).is_file():
+                raise StorageError(f"`{name}`'s saved arguments are missing ({entry.get('path')})")
+            try:
+                values[name] = load_value(folder, entry, name=name)
+            except StorageError as e:
+                self.status.notes.append(
+                    f"`{name}` was not restored ({e}); the trained model was loaded. Build the arguments again in a "
+                    "cell to train further"
+                )
         return values
 
     def _put_back(self, loaded: Any, into: str, folder: Path) -> Any:
