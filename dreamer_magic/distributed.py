@@ -135,6 +135,12 @@ def _reload(name: str, source: str, namespace: dict, card: "_OneCard", status: S
 
     def setup(run: Any) -> None:
         run.before_training = nothing_saved
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and not torch.cuda.is_initialized():
+            run.arguments_left_out = (
+                "building TrainingArguments would initialise CUDA here, and the next `--processes` cell needs it "
+                "untouched; they are saved in the trainer's _outputs"
+            )
 
     reload_options = {**options, "replay": False}  # the workers' output is already in the cell
     trainers.run_cell_trainer(name, source, namespace, frontend=card, status=status, setup=setup, **reload_options)

@@ -286,6 +286,7 @@ class TrainerRun(StepRun):
         self.before_training: Callable[["TrainerRun"], None] | None = None
         self.folder_ready: Callable[[], Any] | None = None
         self.around_body: list[Callable[[], Any]] = []
+        self.arguments_left_out: str | None = None  # why a hit leaves TrainingArguments out (distributed.py)
 
     # -- where things are ---------------------------------------------------------
     @property
@@ -379,6 +380,9 @@ class TrainerRun(StepRun):
 
         values: dict[str, Any] = {}
         for name, entry in entries.items():
+            if self.arguments_left_out:
+                self.status.notes.append(f"`{name}` was not restored in the kernel: {self.arguments_left_out}")
+                continue
             if not (folder / str(entry.get("path") or "")).is_file():
                 raise StorageError(f"`{name}`'s saved arguments are missing ({entry.get('path')})")
             try:
