@@ -249,3 +249,41 @@ def test_a_body_that_launches_its_own_processes_is_refused(notebook):
     assert errors and "--processes" in errors[0] and "notebook_launcher" in errors[0], errors
     assert errors[0].startswith("UsageError")
     assert not (workdir / "out" / "launched" / "trainer.json").exists()
+
+
+# -- in-process checks (an IPython shell; nothing trains) ------------------------------------------
+
+
+def test_a_body_that_spawns_or_starts_training_processes_is_refused(ip, tmp_path):
+    """torch.multiprocessing.spawn is refused before any process starts; a body whose own
+    mp.Process did the work and trained nothing in the kernel commits nothing."""
+    from IPython.core.error import UsageError
+
+    ip.run_cell("import multiprocessing as mp, torch.multiprocessing as tmp\ndef work(*a):\n    pass\n")
+    with pytest.raises(UsageError, match=r"--processes N.*train directly in the cell"):
+        ip.run_cell_magic("dreamer_train", "spawned", "tmp.spawn(work, nprocs=2)\nresult = 1\n")
+    with pytest.raises(UsageError, match=r"started processes of its own \(work\).*--processes N"):
+        ip.run_cell_magic(
+            "dreamer_train", "forked", "p = mp.get_context('fork').Process(target=work)\np.start(); p.join()\nresult = 1\n"
+        )
+    assert not list((tmp_path / "output").glob("*/trainer.json"))
+    # a data loader's workers are no training processes of the body's own
+    ip.run_cell_magic(
+        "dreamer_train", "loader",
+        "import torch\nloader = torch.utils.data.DataLoader(list(range(8)), batch_size=4, num_workers=1, "
+        "multiprocessing_context='fork')\ntotal = sum(int(b.sum()) for b in loader)\n",
+    )
+    assert ip.user_ns["total"] == 28
+
+
+def test_processes_must_be_a_count_and_cuda_must_be_untouched(ip, monkeypatch):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="whole number of worker processes"):
+        ip.run_cell_magic("dreamer_train", "bad --processes two", "x = 1\n")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(UsageError, match=r"CUDA is already initialised in this kernel.*Restart the kernel"):
+        ip.run_cell_magic("dreamer_train", "gpu --processes 2", "x = 1\n")
