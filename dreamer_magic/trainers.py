@@ -37,6 +37,8 @@ trained weights. The fingerprint of such an input is recorded before and after t
 re-running the cell in the same kernel is still a hit (the trained model is recognised as
 this trainer's own output) instead of training the trained model again.
 
+Multi-GPU from the notebook: ``%%dreamer_train NAME --processes N`` (:mod:`.distributed`) forks N
+workers that each run this lifecycle as below, then loads the trained model in the kernel.
 Multi-GPU (``accelerate launch``, ``torchrun``): every process runs the cell and trains, but
 only the main process (rank 0; ``torch.distributed`` rank when it is initialised, else the
 ``RANK`` / ``LOCAL_RANK`` environment variables) moves folders, writes ``_model``,
