@@ -216,7 +216,7 @@ def _failure(error: Exception, name: str, status: Status, stream: "_Stream") -> 
         last = [line for line in text.splitlines() if line.strip() and not line.startswith(" ")]
         what = f"worker {rank} failed: {last[-1] if last else type(error).__name__}"
     step = stream.step if stream.step is not None else status.step
-    at = f" at step {step}" if step is not None else ""
+    at = f" at step {step}" if step else ""
     status.state = FAILED
     status.error = f"failed{at}: {_kept(status)}"
     status.changed()

@@ -287,3 +287,14 @@ def test_processes_must_be_a_count_and_cuda_must_be_untouched(ip, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.raises(UsageError, match=r"CUDA is already initialised in this kernel.*Restart the kernel"):
         ip.run_cell_magic("dreamer_train", "gpu --processes 2", "x = 1\n")
+
+
+def test_an_error_in_a_worker_is_one_line_and_the_traceback_is_printed(ip, tmp_path, capfd):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match=r"^worker \d failed: NameError: name 'undefined_thing' is not defined; "
+                                         r"the trainer 'broken' failed: nothing was saved, run again to start over"):
+        ip.run_cell_magic("dreamer_train", "broken --processes 2", "result = undefined_thing + 1\n")
+    assert "Traceback" in capfd.readouterr().err
+    assert not (tmp_path / "output" / "broken").exists()
+    assert ip.user_ns.get("result") is None
