@@ -122,6 +122,18 @@ def _probe(run: Any) -> None:
         raise _TrainInWorkers()
 
     run.before_training = train_in_workers
+    _keep_cuda_untouched(run)
+
+
+def _keep_cuda_untouched(run: Any) -> None:
+    """A hit or reload in the kernel of a ``--processes`` trainer leaves ``TrainingArguments`` out where
+    rebuilding them would initialise CUDA (they set the device up), which the next such cell needs untouched."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and not torch.cuda.is_initialized():
+        run.arguments_left_out = (
+            "building TrainingArguments would initialise CUDA here, and a `--processes` cell needs it "
+            "untouched; they are saved in the trainer's _outputs"
+        )
 
 
 def _reload(name: str, source: str, namespace: dict, card: "_OneCard", status: Status, options: dict, final: dict, n: int) -> None:
@@ -135,12 +147,7 @@ def _reload(name: str, source: str, namespace: dict, card: "_OneCard", status: S
 
     def setup(run: Any) -> None:
         run.before_training = nothing_saved
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available() and not torch.cuda.is_initialized():
-            run.arguments_left_out = (
-                "building TrainingArguments would initialise CUDA here, and the next `--processes` cell needs it "
-                "untouched; they are saved in the trainer's _outputs"
-            )
+        _keep_cuda_untouched(run)
 
     reload_options = {**options, "replay": False}  # the workers' output is already in the cell
     trainers.run_cell_trainer(name, source, namespace, frontend=card, status=status, setup=setup, **reload_options)

@@ -289,6 +289,25 @@ def test_processes_must_be_a_count_and_cuda_must_be_untouched(ip, monkeypatch):
         ip.run_cell_magic("dreamer_train", "gpu --processes 2", "x = 1\n")
 
 
+def test_a_hit_of_a_processes_trainer_keeps_cuda_untouched(ip, monkeypatch):
+    """On a GPU machine rebuilding TrainingArguments sets CUDA up, which the next --processes cell
+    needs untouched: the kernel leaves them out (noted) and loads the rest."""
+    import torch
+
+    from conftest import fresh_kernel
+
+    body = "from transformers import TrainingArguments\nargs = TrainingArguments(output_dir='x', use_cpu=True, report_to=[])\nn = 3\n"
+    ip.run_cell_magic("dreamer_train", "args-only", body)
+    fresh_kernel(ip)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    ip.run_cell_magic("dreamer_train", "args-only --processes 2", body)
+    status = ip._dreamer_magics._last_status
+    assert status.state == "loaded from disk" and ip.user_ns["n"] == 3 and "args" not in ip.user_ns
+    assert any(str(n).startswith("`args` was not restored in the kernel: building TrainingArguments would initialise CUDA")
+               for n in status.notes), status.notes
+
+
 def test_an_error_in_a_worker_is_one_line_and_the_traceback_is_printed(ip, tmp_path, capfd):
     from IPython.core.error import UsageError
 
