@@ -24,6 +24,7 @@ ORDER = [
     "dependencies",
     "folders",
     "storage",
+    "remote",
     "cache",
     "models",
     "backends",
