@@ -42,7 +42,7 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from . import trainers
@@ -168,7 +168,7 @@ class _Job:
     options: dict
     writer: Any
     barrier: Any
-    failures: list = field(default_factory=list)
+    remote: str | None = None  # the URL of the remote output folder, if one is set (SPEC §7)
 
 
 def _launch(n: int, name: str, source: str, namespace: dict, frontend: Frontend, status: Status, options: dict) -> dict:
@@ -180,7 +180,10 @@ def _launch(n: int, name: str, source: str, namespace: dict, frontend: Frontend,
     _refuse_initialised_cuda(name)
     ctx = multiprocessing.get_context("fork")
     reader, writer = ctx.Pipe(duplex=False)
-    job = _Job(name, source, namespace, frontend, options, writer, ctx.Barrier(n, timeout=_BARRIER_TIMEOUT))
+    from .remote import get_remote
+
+    remote = get_remote()
+    job = _Job(name, source, namespace, frontend, options, writer, ctx.Barrier(n, timeout=_BARRIER_TIMEOUT), remote.url if remote else None)
     kind = "MULTI_GPU" if torch.cuda.is_available() else "MULTI_CPU"
     port = os.environ.get("MASTER_PORT") or str(_free_port())
     stream = _Stream(status)
@@ -381,6 +384,7 @@ def _worker(job: _Job) -> None:
         faulthandler.dump_traceback_later(float(os.environ["DREAMER_DEBUG_WORKERS"]), file=sys.__stderr__)
     _single_threaded()
     _fresh_accelerate_state()
+    _own_remote(job.remote if rank == 0 else None)
     status = Status(kind="trainer", name=job.name)
     frontend = _WorkerFrontend(job.frontend, job.writer if rank == 0 else None, job.namespace)
 
@@ -391,10 +395,28 @@ def _worker(job: _Job) -> None:
     try:
         trainers.run_cell_trainer(job.name, job.source, job.namespace, frontend=frontend, status=status, setup=setup, **job.options)
     finally:
+        _flush_remote()
         frontend.send(status, final=True)
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
+
+
+def _own_remote(url: str | None) -> None:
+    """Rank 0 mirrors to the remote output folder with its own pusher (the kernel's, copied by fork,
+    has no thread behind it); the other ranks write nothing, there either."""
+    from . import remote
+
+    remote._remote = remote.Remote(url) if url else None
+
+
+def _flush_remote() -> None:
+    """Rank 0: finish the uploads (checkpoints, the trainer's commit) before the process ends."""
+    from .remote import get_remote
+
+    pusher = get_remote()
+    if pusher is not None:
+        pusher.flush()
 
 
 def _single_threaded() -> None:

@@ -317,3 +317,25 @@ def test_an_error_in_a_worker_is_one_line_and_the_traceback_is_printed(ip, tmp_p
     assert "Traceback" in capfd.readouterr().err
     assert not (tmp_path / "output" / "broken").exists()
     assert ip.user_ns.get("result") is None
+
+
+def test_rank_0_mirrors_to_the_remote_output_folder(ip, tmp_path):
+    """With a remote output folder, rank 0 pushes the checkpoints and the finished trainer with a
+    pusher of its own (the kernel's, copied by fork, has no thread) before its process ends."""
+    bucket = tmp_path / "bucket"
+    ip.run_line_magic("config", f"DreamerMagics.remote = 'file://{bucket}'")
+    body = (
+        "import torch, torch.distributed as dist\ndist.init_process_group('gloo')\nnet = torch.nn.Linear(2, 1)\n"
+        "ckpt = Checkpointer(net, every=2, max_steps=2)\nfor step in range(ckpt.resume(), 2):\n    ckpt.step(step, loss=1.0)\n"
+        "dist.destroy_process_group()\nw = net.weight.detach().clone()\n"
+    )
+    try:
+        ip.run_cell_magic("dreamer_train", "mirrored --processes 2", body)
+    finally:
+        from dreamer_magic import remote
+
+        remote.set_remote(None)
+    assert ip._dreamer_magics._last_status.state == "ran"
+    assert (bucket / "mirrored" / "trainer.json").exists()
+    assert (bucket / "mirrored" / "_checkpoints" / "checkpoint-2" / "upload_complete.json").exists()
+    assert (bucket / "mirrored" / "_checkpoints" / "checkpoint-2" / "rng_state_1.safetensors").exists()
