@@ -41,9 +41,8 @@ import signal
 import socket
 import sys
 import time
-import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from . import trainers
 from .checkpoints import CHECKPOINTS, list_checkpoints
@@ -378,10 +377,6 @@ def _worker(job: _Job) -> None:
     """One worker (runs in the forked process): the ordinary trainer lifecycle, on this rank."""
     __tracebackhide__ = True  # noqa: F841
     rank = int(os.environ.get("RANK", "0"))
-    if os.environ.get("DREAMER_DEBUG_WORKERS"):
-        import faulthandler
-
-        faulthandler.dump_traceback_later(float(os.environ["DREAMER_DEBUG_WORKERS"]), file=sys.__stderr__)
     _single_threaded()
     _fresh_accelerate_state()
     _own_remote(job.remote if rank == 0 else None)
