@@ -787,6 +787,8 @@ def _simple_frame(table: Any, meta: dict) -> Any:
     for column, name in zip(columns, names):
         if column.get("metadata") is not None or column.get("name") != name or column.get("field_name") != name:
             return None
+        if column.get("numpy_type") == "object":  # Arrow's own conversion never gives object back
+            return None
     if len(set(names)) != len(names):
         return None
     df = table.to_pandas(ignore_metadata=True)
