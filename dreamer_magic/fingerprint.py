@@ -1228,6 +1228,43 @@ def function_globals(fn: types.FunctionType) -> set[str]:
     return {name for name in code_global_names(fn.__code__) if name in module_globals and name not in written}
 
 
+def function_parts(fn: Any) -> dict[str, str]:
+    """Digests of the parts a user function's fingerprint is made of, so that a why-line can
+    say what changed when its source did not: ``code``, ``defaults``, ``closure``,
+    ``global:<name>`` for each global it uses, ``import:<module>`` for what its body imports
+    (the version, or ``source`` and a digest for a local module). Empty for other callables.
+
+    Examples
+    --------
+    >>> def f(x):
+    ...     return x + 1
+    >>> sorted(function_parts(f))
+    ['code', 'defaults']
+    """
+    if not isinstance(fn, types.FunctionType) or not _is_user_function(fn):
+        return {}
+    parts = {"code": code_digest(fn.__code__)}
+    pieces: list[tuple[str, Callable[[Hasher], None]]] = [
+        ("defaults", lambda h: h.value((fn.__defaults__, fn.__kwdefaults__))),
+    ]
+    if fn.__closure__:
+        pieces.append(("closure", lambda h: h.value(_closure(fn))))
+    for name in sorted(function_globals(fn)):
+        value = fn.__globals__[name]
+        pieces.append((f"global:{name}", lambda h, n=name, v=value: h._code_value("", n, v, owner=fn.__module__)))
+    for key, feed in pieces:
+        h = Hasher()
+        try:
+            feed(h)
+        except Exception:  # noqa: BLE001 - a part that cannot be hashed is left unnamed
+            continue
+        parts[key] = h.hexdigest()
+    for name in sorted(code_imports(fn.__code__, fn.__globals__.get("__package__"))):
+        found = import_version(name)
+        parts[f"import:{name}"] = "none" if found is None else " ".join(str(p) for p in found[1:])
+    return parts
+
+
 def import_version(module_name: str) -> Any:
     """What a module that a function imports in its body counts by, the same before and after
     its first import (the first call imports it; the next ones must fingerprint alike).
