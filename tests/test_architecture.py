@@ -33,6 +33,7 @@ ORDER = [
     "checkpointer",
     "hf_trainer",
     "trainers",
+    "distributed",
     "widgets",
     "frontend",
     "magics",
