@@ -557,7 +557,7 @@ class Hasher:
                     continue  # a submodule, bound by importing it
                 if isinstance(value, (type, types.ModuleType)) or _is_callable_code(value) or _is_plain(value):
                     h.str_(key)
-                    h._code_value(f"module {name}", key, value, owner=name)
+                    h._code_value(f"module {name}", key, value, owner=name, module_global=True)
 
         self._user_object(module, "module", body)
 
@@ -616,7 +616,7 @@ class Hasher:
         where = f"function {fn.__qualname__}()"
         for name in sorted(function_globals(fn)):
             self.str_(name)
-            self._code_value(where, name, fn.__globals__[name], "uses the global", owner=fn.__module__)
+            self._code_value(where, name, fn.__globals__[name], "uses the global", owner=fn.__module__, module_global=True)
         imports = code_imports(fn.__code__, fn.__globals__.get("__package__"))
         if imports:
             self.str_("imports")
@@ -630,17 +630,19 @@ class Hasher:
         if fn.__closure__:
             self.value(_closure(fn))
 
-    def _code_value(self, where: str, name: str, value: Any, verb: str = "has", *, owner: str | None = None) -> None:
+    def _code_value(
+        self, where: str, name: str, value: Any, verb: str = "has", *, owner: str | None = None, module_global: bool = False
+    ) -> None:
         """Feed a value user code reaches; a failure names where it was reached.
 
-        A mutable container that code from a module file keeps in a global (a memo dict, a
-        registry, a list of calls) counts by its type: it is state that code fills as it runs,
-        so a first call would fingerprint unlike the next ones (see :func:`_is_module_state`).
+        A mutable container that a module file starts empty (``_CACHE = {}``, a registry, a list
+        of calls) counts by its type: it is state that code fills as it runs, so a first call
+        would fingerprint unlike the next ones (see :func:`_is_module_state`).
         Code typed in the notebook must have fingerprintable globals (the user can fix that).
         Code from a module file often keeps a lock, a logger or a cache in a global; such a
         value counts by its type, and is listed in :func:`fingerprint_untracked`.
         """
-        if _is_module_state(value, owner):
+        if module_global and _is_module_state(value, owner, name):
             self.tag("module-state")
             self.klass(type(value))
             return
@@ -1251,7 +1253,7 @@ def function_parts(fn: Any) -> dict[str, str]:
         pieces.append(("closure", lambda h: h.value(_closure(fn))))
     for name in sorted(function_globals(fn)):
         value = fn.__globals__[name]
-        pieces.append((f"global:{name}", lambda h, n=name, v=value: h._code_value("", n, v, owner=fn.__module__)))
+        pieces.append((f"global:{name}", lambda h, n=name, v=value: h._code_value("", n, v, owner=fn.__module__, module_global=True)))
     for key, feed in pieces:
         h = Hasher()
         try:
@@ -1776,21 +1778,66 @@ def _is_plain(value: Any, depth: int = 0) -> bool:
 
 
 _MUTABLE_CONTAINERS = (dict, list, set, bytearray)
+_EMPTY_CONSTRUCTORS = frozenset({"dict", "list", "set", "bytearray", "defaultdict", "OrderedDict", "Counter", "deque"})
 
 
-def _is_module_state(value: Any, owner: str | None) -> bool:
-    """A mutable container (dict, list, set and their subclasses) reached through code of a
-    module file: what that code keeps as it runs (``_CACHE = {}`` filled by ``clean``). Its
-    content counts as a dependency while it still equals the literal in the file (a
-    ``LABELS = {...}`` table, see ``dependencies.py``); the notebook's own dicts and lists are
-    data and count by content."""
+def _is_module_state(value: Any, owner: str | None, name: str) -> bool:
+    """A mutable container that a module file binds to an empty one at its top level
+    (``_CACHE = {}``, ``_seen = set()``, ``calls = []``): what that module's code fills as it
+    runs, not what the step computes from. A container the file fills itself (a ``LABELS``
+    table) is configuration and counts by content; the notebook's own data always does."""
     if owner is None or owner in ("__main__", "__mp_main__") or owner.startswith("__ipython"):
         return False
     if not isinstance(value, _MUTABLE_CONTAINERS):
         import collections
 
-        return isinstance(value, collections.deque)
-    return True
+        if not isinstance(value, collections.deque):
+            return False
+    module = sys.modules.get(owner)
+    path = getattr(module, "__file__", None)
+    return isinstance(path, str) and name in _empty_at_top_level(path)
+
+
+_EMPTY_NAMES: dict[tuple, frozenset[str]] = {}
+
+
+def _empty_at_top_level(path: str) -> frozenset[str]:
+    """Names a module file binds to an empty container at its top level (read once per version of the file)."""
+    import os
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return frozenset()
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _EMPTY_NAMES:
+        names: set[str] = set()
+        try:
+            with open(path, "rb") as f:
+                tree = ast.parse(f.read())
+        except (OSError, SyntaxError, ValueError):
+            tree = ast.Module(body=[], type_ignores=[])
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            value = getattr(node, "value", None)
+            if value is not None and _is_empty_container(value):
+                names.update(t.id for t in targets if isinstance(t, ast.Name))
+        _EMPTY_NAMES[key] = frozenset(names)
+    return _EMPTY_NAMES[key]
+
+
+def _is_empty_container(node: ast.AST) -> bool:
+    if isinstance(node, ast.Dict):
+        return not node.keys
+    if isinstance(node, (ast.List, ast.Set)):
+        return not node.elts
+    if isinstance(node, ast.Call) and not node.keywords:
+        func = node.func
+        called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+        if called not in _EMPTY_CONSTRUCTORS:
+            return False
+        return not node.args or (called == "defaultdict" and len(node.args) == 1)
+    return False
 
 
 def _is_callable_code(value: Any) -> bool:

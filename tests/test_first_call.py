@@ -114,3 +114,30 @@ def test_cells_that_import_in_the_body_hit_in_the_shell_and_after_a_restart(tmp_
     assert first.values["total"]["repr"] == "16"
     restarted = session(tmp_path, cells)
     assert restarted.states == [LOADED], restarted.statuses
+
+
+def test_a_module_cache_filled_by_a_call_is_state_a_module_table_is_configuration(tmp_path, monkeypatch):
+    import importlib
+
+    from dreamer_magic.fingerprint import fingerprint
+
+    (tmp_path / "tables_mod.py").write_text(
+        "_SEEN = {}\nLABELS = dict(pos=1)\n\ndef label(t):\n    _SEEN[t] = True\n    return LABELS[t]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    module = importlib.import_module("tables_mod")
+    try:
+        def score(t):
+            return module.label(t) + 1
+
+        first = fingerprint(score)
+        assert score("pos") == 2 and module._SEEN
+        assert fingerprint(score) == first, "a cache the module starts empty and a call fills"
+        (tmp_path / "tables_mod.py").write_text(
+            "_SEEN = {}\nLABELS = dict(pos=5)\n\ndef label(t):\n    _SEEN[t] = True\n    return LABELS[t]\n"
+        )
+        importlib.reload(module)
+        assert fingerprint(score) != first, "a table the module fills itself counts by content"
+    finally:
+        sys.modules.pop("tables_mod", None)
