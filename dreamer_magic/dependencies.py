@@ -1503,8 +1503,9 @@ def user_modules_reached(values: Iterable[Any] = (), imported: Iterable[str] = (
     counts) and the modules of the user functions, classes, instances and modules among
     ``values`` (its inputs); the set is closed over the user modules and user functions or
     classes that those modules' globals refer to, the globals those functions (and the methods
-    of those classes) name, and the modules their bodies import (``def f(): import helpers``). User code is code outside the standard
-    library and site-packages (an editable install counts as user code).
+    of those classes) name, and the modules their bodies import (``def f(): import helpers``).
+    User code is code outside the standard library and site-packages (an editable install
+    counts as user code).
     """
     found: dict[str, None] = {}
     todo: list[str] = []

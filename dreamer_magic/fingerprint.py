@@ -1263,7 +1263,7 @@ def function_parts(fn: Any) -> dict[str, str]:
         parts[key] = h.hexdigest()
     for name in sorted(code_imports(fn.__code__, fn.__globals__.get("__package__"))):
         found = import_version(name)
-        parts[f"import:{name}"] = "none" if found is None else " ".join(str(p) for p in found[1:])
+        parts[f"import:{name}"] = "none" if found is None else f"source {found[1]}" if found[0] == "source" else str(found[1])
     return parts
 
 
