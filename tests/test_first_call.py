@@ -141,3 +141,28 @@ def test_a_module_cache_filled_by_a_call_is_state_a_module_table_is_configuratio
         assert fingerprint(score) != first, "a table the module fills itself counts by content"
     finally:
         sys.modules.pop("tables_mod", None)
+
+
+def test_a_namespace_package_counts_by_its_owner_before_and_after_the_import(tmp_path, monkeypatch):
+    import importlib
+    import site
+
+    from test_fingerprint_code import _dist_info
+
+    from dreamer_magic.fingerprint import distribution_version
+
+    site_packages = tmp_path / "site-packages"
+    for dist, sub, version in (("nsadist", "alpha", "1.0"), ("nsbdist", "beta", "2.0")):
+        (site_packages / "sharedns" / sub).mkdir(parents=True)
+        (site_packages / "sharedns" / sub / "__init__.py").write_text("X = 1\n")
+        _dist_info(site_packages, dist, version, [f"sharedns/{sub}/__init__.py"], editable=False, top="sharedns")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    site.addsitedir(str(site_packages))
+    importlib.invalidate_caches()
+    try:
+        before = distribution_version("sharedns.beta")
+        importlib.import_module("sharedns.beta")
+        assert before == distribution_version("sharedns.beta") == ("nsbdist", "2.0")
+    finally:
+        for name in ("sharedns", "sharedns.beta"):
+            sys.modules.pop(name, None)
