@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import DreamerError, InvalidNameError
+from .integrity import unsafe_paths
 
 NAME_RULE = (
     "a name must be 1-100 characters of letters, digits, space, '_', '-' or '.', "
@@ -248,6 +249,9 @@ def read_meta(folder: Path, meta_file: str) -> tuple[dict | None, str | None]:
         return None, f"{meta_file} is corrupt (not valid JSON)"
     if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), str):
         return None, f"{meta_file} is corrupt (no fingerprint)"
+    outside = unsafe_paths(meta)  # never probe a path that leads outside the folder
+    if outside:
+        return None, f"{meta_file} is refused: {outside}"
     for name, entry in (meta.get("outputs") or {}).items():
         rel = entry.get("path") if isinstance(entry, dict) else None
         if rel and not (folder / rel).exists():
