@@ -162,7 +162,7 @@ def check_dataset_state(path: Path, rel: str) -> None:
         for split in splits:
             why = unsafe_path(split) or ("it is not one folder name" if "/" in str(split) else None)
             if why:
-                raise DamagedResultError(f"`{rel}/dataset_dict.json` names a split outside the dataset (`{split}`: {why})")
+                raise DamagedResultError(f"`{rel}/dataset_dict.json` names a split outside the dataset (`{split}`: {why}): refused")
             folders.append((path / split, f"{rel}/{split}"))
     for folder, shown in folders:
         state_file = folder / "state.json"
@@ -176,7 +176,7 @@ def check_dataset_state(path: Path, rel: str) -> None:
             name = item.get("filename") if isinstance(item, dict) else None
             why = unsafe_path(name)
             if why:
-                raise DamagedResultError(f"`{shown}/state.json` names a data file outside the dataset (`{name}`: {why})")
+                raise DamagedResultError(f"`{shown}/state.json` names a data file outside the dataset (`{name}`: {why}): refused")
 
 
 # --------------------------------------------------------------------------- the file record

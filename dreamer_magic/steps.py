@@ -501,6 +501,8 @@ class StepRun:
         ``status.verified`` says what was checked (``None``: saved before file records)."""
         check_links(folder)
         entries = meta.get("outputs") or {}
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+            raise DamagedResultError(f"the outputs in {self.meta_file} are not readable")
         listed = [e["path"] for e in entries.values() if isinstance(e, dict) and e.get("storage") == "pretrained" and isinstance(e.get("path"), str)]
         self.status.verified = verify_record(folder, meta, mode=self.spec.verify, listed=listed, skip=[self.meta_file])
 
