@@ -39,7 +39,8 @@ socket or database connection, a lock, anything pickle refuses) is skipped:
 :func:`save_outputs` names it in ``not_saved`` with the reason, rather than failing a step
 whose body already ran. A torch tensor comes back on the device it was saved from when that
 device exists here (else on the CPU). Loading code (a pickle, a function's source) is refused
-when ``allow_pickle`` is false, before any output is loaded.
+when ``allow_pickle`` is false, before any output is loaded; whether a file is a pickle is
+decided from its content (:func:`check_files`), never from the entry's word.
 
 Loading gives back the same type and value: DataFrames keep their dtypes, column labels and
 index; datasets come back memory-mapped. pandas, pyarrow, numpy, torch and datasets are
@@ -239,8 +240,8 @@ def load_outputs(
     >>> values = load_outputs(folder, step_json["outputs"], allow_pickle=False)  # doctest: +SKIP
 
     With ``allow_pickle`` false, an output whose loading would run saved code (a pickle, a
-    function's source) is refused before any output is loaded. ``namespace`` is the user
-    namespace (see :class:`LoadContext`).
+    function's source, a file that holds a pickle whatever the entry says) is refused before
+    any output is loaded. ``namespace`` is the user namespace (see :class:`LoadContext`).
 
     Raises
     ------
