@@ -396,11 +396,13 @@ def sniff(path: str | os.PathLike) -> str:
             return "arrow-stream"
         if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
             return "safetensors"
-        if _is_pickle(f):
-            return "pickle"
+        # JSON before the pickle opcodes: "0.5" parses as POP, STOP. No pickle that starts with
+        # a character JSON can start with can run (a digit or `t` first underflows the stack).
         text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
         if text[:1] in (b"{", b"[", b'"', b"-") or text[:1].isdigit() or text.startswith((b"true", b"false", b"null")):
             return "json"
+        if _is_pickle(f):
+            return "pickle"
     return "unknown"
 
 

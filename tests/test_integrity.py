@@ -440,6 +440,8 @@ def test_sniff_names_formats_by_content(tmp_path):
         "p.bin": pickle.dumps([1]),
         "p0.bin": pickle.dumps({"a": (1, 2)}, protocol=0),
         "j.bin": b' {"a": [1, 2]}',
+        "f.json": b"0.5",
+        "t.json": b"true",
         "e.bin": b"",
     }
     for name, data in cases.items():
@@ -447,7 +449,7 @@ def test_sniff_names_formats_by_content(tmp_path):
     np.save(tmp_path / "a.npy", np.arange(3))
     np.save(tmp_path / "o.npy", np.array([{}], dtype=object), allow_pickle=True)
     found = {p.name: sniff(p) for p in sorted(tmp_path.iterdir())}
-    assert found == {"a.npy": "npy", "e.bin": "empty", "j.bin": "json", "o.npy": "npy-object", "p.bin": "pickle", "p0.bin": "pickle"}
+    assert found == {"a.npy": "npy", "e.bin": "empty", "f.json": "json", "j.bin": "json", "t.json": "json", "o.npy": "npy-object", "p.bin": "pickle", "p0.bin": "pickle"}
 
 
 # -- property: tampered documents never lead outside, never raise anything undocumented ---------------------
