@@ -503,7 +503,7 @@ class StepRun:
         entries = meta.get("outputs") or {}
         if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
             raise DamagedResultError(f"the outputs in {self.meta_file} are not readable")
-        listed = [e["path"] for e in entries.values() if isinstance(e, dict) and e.get("storage") == "pretrained" and isinstance(e.get("path"), str)]
+        listed = [e["path"] for e in entries.values() if e.get("storage") == "pretrained" and isinstance(e.get("path"), str)]
         self.status.verified = verify_record(folder, meta, mode=self.spec.verify, listed=listed, skip=[self.meta_file])
 
     def _intact(self, folder: Path, meta: dict) -> bool:
@@ -518,9 +518,12 @@ class StepRun:
     def _set_aside(self, home: OutputFolder, folder: Path, key: str, error: Exception, *, backup: bool = False) -> None:
         """Move a damaged result to ``_backups/<name>/incomplete-…`` (kept for a person to look
         at, never loaded or restored) and say why in the status."""
-        where = home.move_to_backup(folder, key, self.meta_file, damaged=True)
+        try:
+            where = home.move_to_backup(folder, key, self.meta_file, damaged=True)
+            kept = f"; it was set aside in {where}" if where else ""
+        except OSError as e:  # a read-only output folder, say: it stays where it is, unused
+            kept = f"; it could not be set aside ({e.strerror or e})"
         what = "a backup with this fingerprint" if backup else "the saved result"
-        kept = f"; it was set aside in {where}" if where else ""
         self.damaged.append(Reason.problem(f"{what} is damaged: {error}{kept}"))
 
     def _code_changes(self, meta: dict | None) -> list[Reason]:

@@ -240,6 +240,16 @@ def test_a_damaged_backup_is_never_restored_and_an_old_record_still_hits(ip, sav
     assert hit.state == "loaded from disk" and hit.verified is None
 
 
+def test_cache_files_datasets_adds_beside_a_loaded_dataset_do_not_matter(ip, tmp_path):
+    ip.run_cell("import datasets\nsrc = datasets.Dataset.from_dict({'a': [1, 2, 3]})")
+    assert run(ip, "d", "ds = src\n").state == "ran"
+    assert run(ip, "d", "ds = src\n").state == "loaded from disk"
+    ip.run_cell("doubled = ds.map(lambda r: {'b': r['a'] * 2})")  # writes _dataset/cache-*.arrow
+    assert list((tmp_path / "output" / "d" / "_dataset").glob("cache-*.arrow"))
+    hit = run(ip, "d", "ds = src\n")
+    assert hit.state == "loaded from disk" and hit.verified == "digest"
+
+
 def test_a_trainer_model_is_verified_like_a_step(ip, tmp_path):
     ip.run_cell("import torch\ntorch.manual_seed(0)\nnet = torch.nn.Linear(3, 1)\nopt = torch.optim.SGD(net.parameters(), lr=0.1)")
     cell = "for _ in range(3):\n    loss = net(torch.ones(2, 3)).pow(2).mean()\n    opt.zero_grad(); loss.backward(); opt.step()\n"
