@@ -27,11 +27,13 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import posixpath
 import re
 import stat
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -181,6 +183,44 @@ def check_dataset_state(path: Path, rel: str) -> None:
 
 # --------------------------------------------------------------------------- the file record
 
+# Digests this process computed, by file identity: ``(st_dev, st_ino) -> (size, mtime_ns,
+# ctime_ns, digest)``. The kernel moves a file's ctime on every write (and on utime, so a reset
+# mtime does not hide one), so a file whose identity, size, mtime and ctime are all unchanged has
+# the content it was hashed with: a second hit in one kernel does not hash it again. A new
+# process starts empty, so the first hit after a restart hashes everything. As with git's
+# "racily clean" index entries, a file changed in the last seconds is not remembered: file
+# times tick at the kernel's clock granularity, and a same-size rewrite within one tick would
+# keep its stamp.
+_RACY_NS = 2_000_000_000
+_KNOWN: dict[tuple[int, int], tuple[int, int, int, str]] = {}
+_KNOWN_LIMIT = 200_000
+
+
+def _stamp(info: os.stat_result) -> tuple[int, int, int]:
+    return info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+def known_digest(info: os.stat_result) -> str | None:
+    """The digest this process computed for the file ``info`` describes, if it has not changed since."""
+    found = _KNOWN.get((info.st_dev, info.st_ino))
+    return found[3] if found is not None and found[:3] == _stamp(info) else None
+
+
+def _remember(path: str | os.PathLike, before: os.stat_result, digest: str) -> None:
+    if time.time_ns() - max(before.st_mtime_ns, before.st_ctime_ns) < _RACY_NS:
+        return
+    with contextlib.suppress(OSError):
+        if _stamp(os.stat(path)) != _stamp(before):  # written to while it was hashed
+            return
+        if len(_KNOWN) >= _KNOWN_LIMIT:
+            _KNOWN.clear()
+        _KNOWN[(before.st_dev, before.st_ino)] = (*_stamp(before), digest)
+
+
+def forget_digests() -> None:
+    """Hash every file again at the next hit, as a fresh process would (benchmarks, tests)."""
+    _KNOWN.clear()
+
 
 def digest_file(path: str | os.PathLike) -> str:
     """xxh3-128 of a file's content (memory-mapped: at memory speed when the file is cached).
@@ -241,7 +281,9 @@ def record_files(folder: Path, skip: Iterable[str] = ()) -> dict[str, dict[str, 
         if stat.S_ISLNK(info.st_mode):
             out[rel] = {"link": os.readlink(full)}
         else:
-            out[rel] = {"size": info.st_size, DIGEST: digest_file(full)}
+            digest = digest_file(full)
+            _remember(full, info, digest)
+            out[rel] = {"size": info.st_size, DIGEST: digest}
     return out
 
 
@@ -305,7 +347,7 @@ def verify_record(
     if not isinstance(record, dict):
         raise DamagedResultError("the file record in the metadata is not a mapping")
     problems: list[str] = []
-    to_hash: list[tuple[str, str, str]] = []
+    to_hash: list[tuple[str, str, str, os.stat_result]] = []
     for rel, item in record.items():
         full = folder.joinpath(*rel.split("/"))
         try:
@@ -325,11 +367,15 @@ def verify_record(
             shown = f"{_size(was)} → {_size(info.st_size)}" if isinstance(was, int) else f"now {_size(info.st_size)}"
             problems.append(f"`{rel}` changed on disk (size {shown})")
         elif mode == "digest":
-            to_hash.append((rel, str(full), str(item.get(DIGEST))))
+            to_hash.append((rel, str(full), str(item.get(DIGEST)), info))
     problems += _added_files(folder, record, listed, skip)
     if not problems:
-        for rel, full, expected in to_hash:
-            if digest_file(full) != expected:
+        for rel, full, expected, info in to_hash:
+            digest = known_digest(info)
+            if digest is None:
+                digest = digest_file(full)
+                _remember(full, info, digest)
+            if digest != expected:
                 problems.append(f"`{rel}` changed on disk (same size, different content)")
                 break
     if problems:

@@ -48,8 +48,9 @@ class DreamerMagics(Magics):
         ["digest", "size"],
         default_value="digest",
         help="What a hit checks of the files a step wrote before loading them: 'digest' (sizes and xxh3 content "
-        "digests, about 15 GB/s) or 'size' (sizes only: faster on huge outputs, blind to a changed byte). "
-        "A mismatch is a miss that sets the damaged folder aside.",
+        "digests at memory speed; a file this kernel already hashed, with the same inode, size, mtime and ctime, "
+        "is not hashed again) or 'size' (sizes only: faster on huge outputs, blind to a changed byte of the same "
+        "size). A mismatch is a miss that sets the damaged folder aside.",
     ).tag(config=True)
     replay = Bool(True, help="Replay a step's recorded output (prints, plots, HTML) when it is loaded from disk.").tag(config=True)
     widgets = Bool(True, help="Show ipywidgets status views in a kernel with a widget frontend (False: plain text).").tag(config=True)

@@ -551,3 +551,25 @@ def test_tampered_documents_never_read_outside(ip, tmp_path, data):
         assert bad == [], (doc, bad)
     finally:
         watch.close()
+
+
+def test_a_file_is_hashed_again_whenever_its_stamp_moves(tmp_path, monkeypatch):
+    from dreamer_magic import integrity
+    from dreamer_magic.errors import DamagedResultError
+
+    monkeypatch.setattr(integrity, "_RACY_NS", 0)  # remember even a file written just now
+    folder = tmp_path / "s"
+    data = folder / "_outputs" / "a.bin"
+    data.parent.mkdir(parents=True)
+    data.write_bytes(os.urandom(1 << 20))
+    meta = {"files": record_files(folder)}
+    assert integrity.known_digest(os.stat(data)) == meta["files"]["_outputs/a.bin"]["xxh3_128"]
+    assert integrity.verify_record(folder, meta) == "digest"
+    import time
+
+    time.sleep(0.02)  # past the file system's clock tick
+    flip(data, 1000)
+    with pytest.raises(DamagedResultError, match="same size, different content"):
+        integrity.verify_record(folder, meta)
+    integrity.forget_digests()
+    assert integrity.known_digest(os.stat(data)) is None
