@@ -573,3 +573,26 @@ def test_a_file_is_hashed_again_whenever_its_stamp_moves(tmp_path, monkeypatch):
         integrity.verify_record(folder, meta)
     integrity.forget_digests()
     assert integrity.known_digest(os.stat(data)) is None
+
+
+def test_a_model_folder_is_judged_by_every_file_in_it(tmp_path):
+    """A ``from_pretrained`` folder is read by listing: a file added after the save is damage, and
+    a torch archive in it is refused when pickles are off, whatever the entry says."""
+    import torch
+
+    from dreamer_magic import integrity
+    from dreamer_magic.errors import DamagedResultError, PickleRefusedError
+    from dreamer_magic.storage import LoadContext, check_files
+
+    model = tmp_path / "t" / "_model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"model_type": "gpt2"}')
+    meta = {"files": record_files(tmp_path / "t")}
+    torch.save({"w": torch.zeros(2)}, model / "pytorch_model.bin")
+    with pytest.raises(DamagedResultError, match="`_model/pytorch_model.bin` was added after the save"):
+        integrity.verify_record(tmp_path / "t", meta, listed=["_model"])
+    assert integrity.verify_record(tmp_path / "t", meta) == "digest"  # elsewhere an added file is not read
+    entry = {"storage": "pretrained", "path": "_model", "pickled": False}
+    with pytest.raises(PickleRefusedError, match="torch archive"):
+        check_files(tmp_path / "t", entry, LoadContext(False, None, "model"))
+    check_files(tmp_path / "t", entry, LoadContext(True, None, "model"))
