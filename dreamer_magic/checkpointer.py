@@ -19,14 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from . import steps
 from .checkpoints import STATE_FILE, checkpoint_step, is_main_process, latest_checkpoint, list_checkpoints, read_state
-from .errors import DreamerError
-from .folders import read_json, write_folder
+from .errors import DreamerError, PickleRefusedError
+from .folders import discard, read_json, write_folder
 from .status import Status
 
 __all__ = ["Checkpointer", "active_trainer"]
@@ -74,6 +73,10 @@ class Checkpointer:
     keep : keep only the newest ``keep`` checkpoints (default: all).
     folder : where ``checkpoint-N`` folders go. Inside a ``%%dreamer_train`` cell the default is
         the trainer's ``_checkpoints`` folder; outside one it must be given.
+    allow_pickle : whether resuming may unpickle optimizer or scheduler state that holds more
+        than tensors and plain values (a pickle can run code). Default: the trainer cell's
+        ``%config DreamerMagics.allow_pickle`` (``True`` outside a cell). When false, such a
+        checkpoint is refused with a clear message; plain state loads with ``weights_only``.
 
     In a distributed run only the main process writes checkpoints; every process resumes.
     """
@@ -88,6 +91,7 @@ class Checkpointer:
         max_steps: int | None = None,
         keep: int | None = None,
         folder: str | os.PathLike | None = None,
+        allow_pickle: bool | None = None,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise DreamerError(f"Checkpointer(every={every!r}): give a whole number of steps, 1 or more")
@@ -107,6 +111,9 @@ class Checkpointer:
         self.global_step = 0
         self.log_history: list[dict] = []
         self._main = is_main_process()
+        if allow_pickle is None:
+            allow_pickle = bool(getattr(getattr(self.run, "spec", None), "allow_pickle", True))
+        self.allow_pickle = allow_pickle
         if self.run is not None:
             self.run.checkpointers.append(self)
             if max_steps:
@@ -150,9 +157,9 @@ class Checkpointer:
         device = device_of(self.model)
         load_model(self.model, str(path / "model.safetensors"), device=str(device) if device is not None else "cpu")
         if self.optimizer is not None and (path / "optimizer.pt").exists():
-            self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
+            self.optimizer.load_state_dict(torch_load(path / "optimizer.pt", allow_pickle=self.allow_pickle))
         if self.scheduler is not None and (path / "scheduler.pt").exists():
-            self.scheduler.load_state_dict(torch_load(path / "scheduler.pt"))
+            self.scheduler.load_state_dict(torch_load(path / "scheduler.pt", allow_pickle=self.allow_pickle))
         rng = read_json(path / "rng_state.json") or {}
         if (path / "rng_state.safetensors").exists():
             set_rng_states(rng, load_file(str(path / "rng_state.safetensors")))
@@ -225,7 +232,8 @@ class Checkpointer:
             return
         complete = [c for c in list_checkpoints(self.folder) if c.complete]
         for old in complete[: -self.keep]:
-            shutil.rmtree(self.folder / old.name, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                discard(self.folder / old.name)  # renamed first: a kill never leaves half a checkpoint-N
 
 
 # -- torch helpers --------------------------------------------------------------------------------
@@ -238,16 +246,36 @@ def device_of(model: Any) -> Any:
     return None
 
 
-def torch_load(path: Path) -> Any:
-    """``torch.load`` onto the CPU, with ``weights_only`` unless the state holds custom objects."""
+def torch_load(path: Path, *, allow_pickle: bool = True) -> Any:
+    """``torch.load`` onto the CPU with ``weights_only``; state holding custom objects (a scheduler's
+    lambda, say) needs a full unpickle, done only when ``allow_pickle``.
+
+    Raises
+    ------
+    PickleRefusedError
+        If the file needs a full unpickle and ``allow_pickle`` is false.
+    """
     import pickle
 
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # a scheduler with custom objects in its state
+    except pickle.UnpicklingError as e:
+        if not allow_pickle:
+            raise PickleRefusedError(pickled_checkpoint_message(path)) from e
         return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def pickled_checkpoint_message(path: Path) -> str:
+    """Why a checkpoint file is refused while ``allow_pickle`` is off, and the two ways on."""
+    path = Path(path)
+    return (
+        f"{path.parent.name}/{path.name} holds objects that only a full unpickle can load (a pickle can run "
+        "code when it is loaded), and loading pickles is turned off. If you trust this output folder, run "
+        "`%config DreamerMagics.allow_pickle = True` and run the cell again; or run it with --no-resume to "
+        "train from the start"
+    )
 
 
 def get_rng_states() -> tuple[dict, dict]:

@@ -10,7 +10,10 @@ Layout (SPEC §2)::
       .locks/            one lock file per step or trainer (fcntl; released when a process dies)
 
 A folder is written under a temporary name (``.<name>.tmp-<pid>-<random>``) and renamed into
-place; a folder without a valid metadata file is never treated as complete.
+place; a folder without a valid metadata file is never treated as complete. A folder is deleted
+by renaming it to a trash name (``.<name>.trash-<random>``) first; what a killed operation leaves
+under those names is swept by the next run of that step or by ``%dreamer gc`` (docs/ARCHITECTURE.md,
+"Crash safety").
 
 Examples
 --------
@@ -21,6 +24,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -228,6 +232,95 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+# Names of what an interrupted operation leaves behind; only these are ever swept.
+TEMP_NAME = re.compile(r"\.(?P<of>.+)\.tmp-\d+-[0-9a-f]{8}")
+TRASH_NAME = re.compile(r"\.(?P<of>.+)\.trash-[0-9a-f]{8}")
+SKIPPED_NAME = re.compile(r"\.skipped-checkpoint-\d+")
+
+
+def trash_name(path: Path) -> Path:
+    """A fresh trash name beside ``path`` (``.<name>.trash-<random>``): hidden, never read as a result."""
+    return path.parent / f".{path.name}.trash-{uuid.uuid4().hex[:8]}"
+
+
+def remove_path(path: Path) -> int:
+    """Delete a file, a symlink (the link only) or a folder (symlinks inside are not followed).
+
+    Returns the bytes freed. Errors are ignored: what is left keeps its trash name.
+    """
+    try:
+        if path.is_symlink() or not path.is_dir():
+            size = os.lstat(path).st_size
+            path.unlink()
+            return size
+    except OSError:
+        return 0
+    size = folder_size(path)
+    shutil.rmtree(path, ignore_errors=True)
+    return size
+
+
+def discard(path: Path) -> int:
+    """Rename ``path`` to a trash name, then delete it; returns the bytes freed.
+
+    A kill in between leaves a ``.…trash-…`` entry that the next run or ``%dreamer gc``
+    sweeps, never a half-deleted folder under a name that reads as a result.
+    """
+    trash = trash_name(path)
+    os.rename(path, trash)
+    return remove_path(trash)
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, symlinks resolved, lies inside ``root`` (symlinks resolved)."""
+    inner, outer = os.path.realpath(path), os.path.realpath(root)
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def leftover_kind(name: str) -> str | None:
+    """``"temporary"``, ``"trash"``, ``"skipped checkpoint"`` for the names interrupted operations
+    leave, else ``None``.
+
+    Examples
+    --------
+    >>> leftover_kind(".clean.tmp-123-0badc0de"), leftover_kind("clean")
+    ('temporary', None)
+    """
+    if TEMP_NAME.fullmatch(name):
+        return "temporary"
+    if TRASH_NAME.fullmatch(name):
+        return "trash"
+    if SKIPPED_NAME.fullmatch(name):
+        return "skipped checkpoint"
+    return None
+
+
+@dataclasses.dataclass
+class GcReport:
+    """What ``%dreamer gc`` did: backups ``removed`` and leftovers ``swept`` (paths relative to
+    the output folder), bytes ``freed``, steps ``busy`` in another kernel (left alone), paths
+    ``refused`` because they lead out of the output folder."""
+
+    removed: list[str] = dataclasses.field(default_factory=list)
+    swept: list[str] = dataclasses.field(default_factory=list)
+    freed: int = 0
+    busy: list[str] = dataclasses.field(default_factory=list)
+    refused: list[str] = dataclasses.field(default_factory=list)
+
+    def lines(self, human_size: Callable[[int], str] = str) -> list[str]:
+        """The report as the user reads it."""
+        n = len(self.removed)
+        out = [f"removed {n} backup{'s' if n != 1 else ''}, freed {human_size(self.freed)}"]
+        if self.swept:
+            shown = ", ".join(self.swept[:5]) + (f" and {len(self.swept) - 5} more" if len(self.swept) > 5 else "")
+            out.append(f"swept {len(self.swept)} leftover{'s' if len(self.swept) != 1 else ''} of interrupted runs: {shown}")
+        for name in self.busy:
+            out.append(f"skipped `{name}`: another kernel is running it; run `%dreamer gc` again when it has finished")
+        for path in self.refused:
+            out.append(f"left {path} alone: it is a symlink (gc never follows one out of the output folder)")
+        return out
+
+
 def read_meta(folder: Path, meta_file: str) -> tuple[dict | None, str | None]:
     """Read a step.json/trainer.json. Returns ``(meta, None)`` when complete, else ``(None, problem)``.
 
@@ -325,6 +418,27 @@ class OutputFolder:
         finally:
             lock.release()
 
+    @contextlib.contextmanager
+    def try_lock(self, name_path: str) -> Iterator[bool]:
+        """Hold the lock of one step or trainer if it is free now: yields whether it is held.
+
+        ``%dreamer gc`` uses it: a step another kernel is running is left alone, not waited for.
+        """
+        from filelock import FileLock, Timeout
+
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(locks / (name_path.replace("/", "__") + ".lock")), thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
+
     # -- temporary folders ------------------------------------------------------------
     def new_temp(self, final: Path) -> Path:
         """A fresh temporary folder beside ``final`` (same file system, so rename is atomic)."""
@@ -334,16 +448,40 @@ class OutputFolder:
         return tmp
 
     def clean_temps(self, final: Path) -> int:
-        """Remove leftovers of interrupted saves of ``final``. Call while holding its lock."""
-        removed = 0
-        if not final.parent.is_dir():
-            return 0
-        pattern = re.compile(re.escape(f".{final.name}.tmp-") + r"\d+-[0-9a-f]{8}")
-        for leftover in final.parent.iterdir():
-            if pattern.fullmatch(leftover.name):  # not the temp folder of a step named "x.tmp-…"
-                shutil.rmtree(leftover, ignore_errors=True)
-                removed += 1
-        return removed
+        """Remove leftovers of interrupted operations on ``final``. Call while holding its lock.
+
+        They are its temporary folders and trash beside it (``.<name>.tmp-<pid>-<random>``,
+        ``.<name>.trash-<random>``), the trash among its backups, and a trainer's checkpoints
+        that were being written or replaced (``_checkpoints/.checkpoint-N.tmp-…``). Returns how many.
+        """
+        return len(self.sweep(final))
+
+    def sweep(self, final: Path, *, deep: bool = False) -> dict[Path, int]:
+        """Delete what interrupted operations on ``final`` left; returns what was deleted (bytes freed).
+
+        Only names this module makes are touched (see :func:`leftover_kind`), and only those of
+        this step or trainer: call while holding its lock, so none of them is in use. ``deep``
+        (``%dreamer gc``) also looks inside the folder: trash and temporary files of checkpoints and
+        metadata, ``.skipped-checkpoint-N`` folders, nested steps' leftovers. Symlinks are not followed.
+        """
+        found: list[Path] = []
+        if final.parent.is_dir():
+            mine = (f".{final.name}.tmp-", f".{final.name}.trash-")
+            found += [p for p in final.parent.iterdir() if p.name.startswith(mine) and leftover_kind(p.name)]
+        with contextlib.suppress(ValueError):
+            backups = self.backup_dir(final.relative_to(self.root).as_posix())
+            if backups.is_dir() and not backups.is_symlink() and is_inside(backups, self.root):
+                found += [p for p in backups.iterdir() if leftover_kind(p.name) in ("temporary", "trash")]
+        checkpoints = final / "_checkpoints"  # a trainer's: checkpoints being written or replaced when it was killed
+        if checkpoints.is_dir() and not final.is_symlink() and not checkpoints.is_symlink():
+            found += [p for p in checkpoints.iterdir() if leftover_kind(p.name) in ("temporary", "trash")]
+        if deep and final.is_dir() and not final.is_symlink():
+            for dirpath, dirnames, filenames in os.walk(final):
+                for name in dirnames + filenames:
+                    if leftover_kind(name):
+                        found.append(Path(dirpath, name))
+                dirnames[:] = [d for d in dirnames if not leftover_kind(d)]
+        return {path: remove_path(path) for path in dict.fromkeys(found)}
 
     # -- commit, backup, restore ------------------------------------------------------
     def commit(self, tmp: Path, final: Path, name_path: str, meta_file: str, meta: dict) -> str | None:
@@ -373,11 +511,13 @@ class OutputFolder:
             key = f"incomplete-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
         dest = self.backup_dir(name_path) / key
         dest.parent.mkdir(parents=True, exist_ok=True)
+        trash = None
         if dest.exists():  # the same fingerprint backed up before: the newer copy wins
-            trash = dest.parent / f".{key}.trash-{uuid.uuid4().hex[:8]}"
+            trash = trash_name(dest)  # renamed first, deleted last: a kill leaves trash the next run sweeps
             os.rename(dest, trash)
-            shutil.rmtree(trash, ignore_errors=True)
         os.rename(final, dest)
+        if trash is not None:
+            remove_path(trash)
         return str(dest.relative_to(self.root))
 
     def find_backup(self, name_path: str, fingerprint: str, meta_file: str) -> tuple[Path, dict] | None:
@@ -423,7 +563,7 @@ class OutputFolder:
             ):
                 continue  # a parent folder of nested backups, not a backup itself
             out.append((child.name, child, meta))
-        out.sort(key=lambda item: item[1].stat().st_mtime, reverse=True)
+        out.sort(key=lambda item: (item[2] is not None, _mtime(item[1])), reverse=True)
         return out
 
     # -- listing ----------------------------------------------------------------------
@@ -484,19 +624,70 @@ class OutputFolder:
                 dirnames.clear()
         return names
 
-    def gc(self, keep: int = 0) -> tuple[int, int]:
-        """Delete all but the ``keep`` newest backups of every step and trainer.
+    def gc(self, keep: int = 0) -> GcReport:
+        """Delete all but the ``keep`` best backups of every step and trainer, and sweep leftovers.
 
-        Returns ``(folders removed, bytes freed)``.
+        Examples
+        --------
+        >>> OutputFolder("output").gc(keep=1).lines()  # doctest: +SKIP
+        ['removed 3 backups, freed 12.0 MB']
+
+        Best means complete first (a complete backup outranks an incomplete one), then newest.
+        Each step is handled under its lock, as a run or restore is (one that another kernel is
+        running is skipped and named in ``busy``); each backup is renamed to a trash name before
+        it is deleted, so a killed gc leaves nothing that reads as a backup, only trash that the
+        next run or gc sweeps. Nothing is followed through a symlink out of the output folder.
         """
-        removed = freed = 0
-        for name in self.backed_up_names():
-            for _, path, _ in self.backups(name)[keep:]:
-                size = folder_size(path)
-                shutil.rmtree(path, ignore_errors=True)
-                removed += 1
-                freed += size
-        return removed, freed
+        report = GcReport()
+        if not self.root.is_dir():
+            return report
+        prune = not self._leads_out(self.root / BACKUPS, report)
+        for name in self._gc_names():
+            with self.try_lock(name) as held:
+                if not held:
+                    report.busy.append(name)
+                    continue
+                self._gc_one(name, keep if prune else None, report)
+        return report
+
+    def _gc_names(self) -> list[str]:
+        """Top-level step and trainer names with a folder, backups or leftovers in the output folder."""
+        names = {n.split("/")[0] for n in self.backed_up_names()}
+        names |= {name_path for name_path, _, _ in self.entries() if "/" not in name_path}
+        for child in self.root.iterdir():
+            match = TEMP_NAME.fullmatch(child.name) or TRASH_NAME.fullmatch(child.name)
+            if match and "/" not in match["of"]:
+                names.add(match["of"])
+        return sorted(names)
+
+    def _gc_one(self, name: str, keep: int | None, report: GcReport) -> None:
+        """Sweep one step's leftovers and prune its backups to ``keep`` (``None``: leave them); its lock is held."""
+        final = self.path(name)
+        self._leads_out(final, report)  # a symlinked step folder: swept beside, never inside
+        for path, size in self.sweep(final, deep=True).items():
+            report.swept.append(str(path.relative_to(self.root)))
+            report.freed += size
+        if keep is None or self._leads_out(self.backup_dir(name), report):
+            return
+        for backup_name in [n for n in self.backed_up_names() if n == name or n.startswith(name + "/")]:
+            for _, path, _ in self.backups(backup_name)[keep:]:
+                if not self._leads_out(path, report):
+                    report.freed += discard(path)
+                    report.removed.append(str(path.relative_to(self.root)))
+
+    def _leads_out(self, path: Path, report: GcReport) -> bool:
+        """Whether ``path`` is a symlink or leads out of the output folder (then it is named in the report)."""
+        if path.is_symlink() or (path.exists() and not is_inside(path, self.root)):
+            report.refused.append(str(path.relative_to(self.root)))
+            return True
+        return False
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 @contextlib.contextmanager
@@ -518,11 +709,13 @@ def write_folder(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
-        if final.exists():
-            trash = final.parent / f".{final.name}.trash-{uuid.uuid4().hex[:8]}"
+        trash = None
+        if final.exists():  # renamed first, deleted last: a kill leaves trash that gc sweeps
+            trash = trash_name(final)
             os.rename(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
         os.rename(tmp, final)
+        if trash is not None:
+            remove_path(trash)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,6 +9,13 @@ checkpoints), and ``train()`` resumes from the latest complete checkpoint unless
 body ends, even on error; a Trainer built before the cell gets its own ``args`` and callbacks
 back then.
 
+Resuming reads ``rng_state.pth``, ``optimizer.pt``, ``scheduler.pt`` (and ``scaler.pt``) with
+``torch.load``. With ``allow_pickle`` off, every such load of a file in the checkpoint is made
+with ``weights_only=True`` whatever the installed transformers asks (recent versions already
+do; older ones did not), and a file that needs a full unpickle stops the resume with one clear
+line (:func:`weights_only_loads`): resuming with it dropped would silently change the training,
+and loading it would run whatever the pickle holds.
+
 The ``run`` handed in is the running trainer (``trainers.TrainerRun``); this module only uses
 the attributes named in :func:`patched_trainer`, so it does not import the lifecycle.
 
@@ -31,7 +38,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["patched_trainer"]
+__all__ = ["patched_trainer", "weights_only_loads"]
 
 _CALLBACK_CLASS: type | None = None
 
@@ -80,6 +87,45 @@ def is_trainer(value: Any) -> bool:
     """A ``transformers.Trainer`` (without importing transformers)."""
     module = sys.modules.get("transformers.trainer")
     return module is not None and isinstance(value, module.Trainer)
+
+
+@contextlib.contextmanager
+def weights_only_loads(folder: Path) -> Iterator[None]:
+    """While active, ``torch.load`` of a file under ``folder`` never runs a pickle's code.
+
+    Examples
+    --------
+    >>> with weights_only_loads(checkpoint):   # doctest: +SKIP
+    ...     trainer.train(resume_from_checkpoint=str(checkpoint))
+
+    Such loads are made with ``weights_only=True``; one that needs more raises
+    :class:`~dreamer_magic.errors.PickleRefusedError`, naming the file and the ways on.
+    Loads of other files are left as they are.
+    """
+    import pickle
+
+    import torch
+
+    from .checkpointer import pickled_checkpoint_message
+    from .errors import PickleRefusedError
+
+    real = torch.load
+
+    @functools.wraps(real)
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(f, (str, os.PathLike)) or not _is_within(f, folder):
+            return real(f, *args, **kwargs)
+        kwargs["weights_only"] = True
+        try:
+            return real(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise PickleRefusedError(pickled_checkpoint_message(Path(f))) from e
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
 
 
 @contextlib.contextmanager
@@ -180,7 +226,12 @@ def patched_trainer(run: Any) -> Iterator[None]:
             if found is not None:
                 run.resuming_from(found)
         run.last_trainer = weakref.ref(trainer)
-        output = original_train(*bound.args, **bound.kwargs)
+        resuming = bound.arguments.get("resume_from_checkpoint")
+        guard = contextlib.nullcontext()
+        if isinstance(resuming, (str, os.PathLike)) and not getattr(run.spec, "allow_pickle", True):
+            guard = weights_only_loads(Path(resuming))
+        with guard:
+            output = original_train(*bound.args, **bound.kwargs)
         run.train_output = output
         return output
 

@@ -187,7 +187,7 @@ class DreamerMagics(Magics):
         "cache; why NAME: what changed since NAME's saved fingerprint; gc [--keep N]: delete old backups.",
     )
     @argument("target", nargs="*", help="the PATH for `output`, the NAME for `why`.")
-    @argument("--keep", default="0", help="gc: how many of the newest backups of each step and trainer to keep (default 0).")
+    @argument("--keep", default="0", help="gc: how many backups of each step and trainer to keep, complete ones first, then the newest (default 0).")
     @line_magic
     def dreamer(self, line: str) -> Any:
         """Inspect and manage the output folder.
@@ -197,7 +197,8 @@ class DreamerMagics(Magics):
             %dreamer output [PATH]     show or set the output folder
             %dreamer status            every step and trainer, its state, size and backups; generation caches
             %dreamer why NAME          what changed since NAME's saved fingerprint
-            %dreamer gc [--keep N]     delete all but the N newest backups of each step (default 0)
+            %dreamer gc [--keep N]     delete all but the N best backups of each step (complete, then newest;
+                                       default 0) and sweep what interrupted runs left
         """
         args = parse_argstring(self.dreamer, line)
         commands = {"output": self._output, "status": self._status, "why": self._why, "gc": self._gc}
@@ -269,8 +270,8 @@ class DreamerMagics(Magics):
         keep = int(args.keep)
         from .render import human_size
 
-        removed, freed = OutputFolder(get_output_folder()).gc(keep)
-        print(f"removed {removed} backup{'s' if removed != 1 else ''}, freed {human_size(freed)}")
+        report = OutputFolder(get_output_folder()).gc(keep)
+        print("\n".join(report.lines(human_size)))
 
 
 def _shown_path(path: Any) -> str:

@@ -1433,13 +1433,65 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+# The libraries whose classes save and load models, tokenizers, processors and training
+# arguments: the only ones a saved entry may name (trainer.json's ``class``).
+MODEL_LIBRARIES = (
+    "transformers", "peft", "sentence_transformers", "diffusers", "timm", "setfit", "trl",
+)
+
+
 def import_class(path: str) -> type:
-    """The class named by :func:`class_path`."""
-    module, _, qualname = path.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
+    """The class named by :func:`class_path`, if it is one a model library saves.
+
+    Examples
+    --------
+    >>> import_class("transformers:GPT2LMHeadModel").__name__  # doctest: +SKIP
+    'GPT2LMHeadModel'
+
+    Allowed: a class of :data:`MODEL_LIBRARIES` (importing the library), or a class already
+    defined in this process (the notebook's own ``PreTrainedModel`` subclass, say) that
+    derives from one; nothing is imported for it. Anything else (``os:system``, a module
+    nobody imported) is refused before any import: metadata cannot make this package run code.
+
+    Raises
+    ------
+    PickleRefusedError
+        If the class is not allowed.
+    StorageError
+        If an allowed class cannot be found (its library is not installed, say).
+    """
+    module, _, qualname = str(path).partition(":")
+    parts = qualname.split(".")
+    if not module or not all(p.isidentifier() for p in parts) or not all(m.isidentifier() for m in module.split(".")):
+        raise PickleRefusedError(_class_refusal(path))
+    library = module.split(".")[0] in MODEL_LIBRARIES
+    try:
+        obj: Any = importlib.import_module(module) if library else sys.modules[module]
+        for part in parts:
+            obj = getattr(obj, part)
+    except KeyError:
+        raise PickleRefusedError(
+            _class_refusal(path) + f" (if it is your own class, import {module!r} in the notebook first: "
+            "a class derived from a model library's then loads)"
+        ) from None
+    except (ImportError, AttributeError) as e:
+        raise StorageError(f"cannot find the class {path!r}: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, type):
+        raise PickleRefusedError(_class_refusal(path))
+    if not library and not any(
+        (base.__module__ or "").split(".")[0] in MODEL_LIBRARIES for base in obj.__mro__[1:] if base is not object
+    ):
+        raise PickleRefusedError(_class_refusal(path))
     return obj
+
+
+def _class_refusal(path: str) -> str:
+    shown = str(path) if len(str(path)) <= 80 else str(path)[:77] + "..."
+    return (
+        f"the saved metadata names the class {shown!r}, which is not a class of a library that saves models "
+        f"({', '.join(MODEL_LIBRARIES)}) nor one derived from such a class; it is not imported. The folder was "
+        "edited or not written by dreamer_magic: run the cell with --force to compute it again"
+    )
 
 
 def _save_pretrained(value: Any, target: Target) -> dict:
@@ -1465,8 +1517,8 @@ def _save_pretrained(value: Any, target: Target) -> dict:
 
 
 def _load_pretrained(path: Path, entry: dict, context: LoadContext) -> Any:
+    cls = import_class(str(entry.get("class")))  # refused unless a model library's class
     try:
-        cls = import_class(str(entry["class"]))
         value = cls.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 - any failure means "cannot load, train again"
         raise StorageError(
@@ -1518,8 +1570,8 @@ def _save_training_args(value: Any, target: Target) -> dict:
 
 def _load_training_args(path: Path, entry: dict, context: LoadContext) -> Any:
     data = read_json(path)
+    cls = import_class(str((data or {}).get("class")))  # refused unless a model library's class
     try:
-        cls = import_class(data["class"])  # type: ignore[index]
         init = {f.name for f in dataclasses.fields(cls) if f.init}
         return cls(**{k: v for k, v in data["values"].items() if k in init})  # type: ignore[index]
     except Exception as e:  # noqa: BLE001

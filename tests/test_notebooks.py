@@ -209,13 +209,13 @@ def test_second_run_shows_the_same_rich_outputs(path, runs):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_second_run_is_faster(path, runs):
-    (first, t1), (second, t2), *_ = runs(path)
+    (first, _), (second, _), *_ = runs(path)
     cells = [i for i, c in enumerate(first.cells) if is_dreamer_cell(c)]
     one = sum(cell_seconds(first.cells[i]) for i in cells)
     two = sum(cell_seconds(second.cells[i]) for i in cells)
     assert two < one, f"dreamer cells took {two:.2f} s on the second run, {one:.2f} s on the first"
-    # and the whole notebook must stay small: each runs offline on a CPU in under two minutes
-    assert t1 < 120 and t2 < 120, (t1, t2)
+    # How long a whole notebook takes is a benchmark (benchmarks/bench_tutorials.py), not a test:
+    # a wall-clock bound fails on a loaded machine without anything being wrong.
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
