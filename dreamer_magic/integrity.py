@@ -98,7 +98,7 @@ def unsafe_paths(meta: Mapping[str, Any]) -> str | None:
     if isinstance(outputs, dict):
         for name, entry in outputs.items():
             for key, rel in _entry_paths(entry):
-                if rel is None and key == "path":
+                if rel is None:
                     continue  # an entry without a path is reported by whoever loads it
                 why = unsafe_path(rel)
                 if why:
