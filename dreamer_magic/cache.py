@@ -350,6 +350,8 @@ def list_databases(root: str | os.PathLike) -> list[dict[str, Any]]:
 # table is not touched), then SQLite reads the rows in rowid order (``IN`` sorts them), walking
 # the table front to back instead of jumping to a random page for every key. Rows come back in
 # table order, each with its stored key, so a row can only ever be returned for its own key.
+SEGMENTS_TABLE = "remote_segments"  # the remote segments merged into (or pushed from) this database
+_SEGMENT_COLUMNS = ("key", "request", "response", "created", "meta", "prompt_tokens", "completion_tokens")
 _KEY_SEP = ","
 _HITS = f"SELECT c.rowid FROM json_each(?) AS j JOIN [{TABLE}] AS c ON c.key = j.value"
 _LOOKUP_ROWS = f"SELECT key, response FROM [{TABLE}] WHERE rowid IN ({_HITS})"
@@ -415,12 +417,112 @@ class Database:
     # connection ------------------------------------------------------------------------------
     @property
     def connection(self) -> sqlite3.Connection:
-        """This process's connection (re-opened after a fork), created with the table on first use."""
+        """This process's connection (re-opened after a fork), created with the table on first use.
+
+        With a remote output folder, the first connection of a process first merges the
+        segments other machines pushed (:meth:`merge_remote_segments`).
+        """
         if self._conn is None or self._pid != os.getpid():
             self._conn = self._connect()
             self._pid = os.getpid()
             self._answer_columns = -1
+            self.merge_remote_segments()
         return self._conn
+
+    # the remote output folder (remote.py, SPEC §7) ------------------------------------------
+    def _mirror(self) -> Any:
+        """The remote mirror, when one is set and this database lives in the output folder's ``.cache``."""
+        import sys
+
+        module = sys.modules.get("dreamer_magic.remote")  # never imported here: set by %dreamer remote
+        remote = module.get_remote() if module is not None else None
+        if remote is None or self.path.parent != cache_folder():
+            return None
+        return remote
+
+    def merge_remote_segments(self) -> int:
+        """Merge the remote segments of this database not merged here yet; returns rows added.
+
+        Each segment goes in one transaction with its name in ``[remote_segments]``, so a
+        segment is merged once, and an interrupted merge resumes. A row already here is kept
+        (both machines computed the same request).
+        """
+        remote = self._mirror()
+        if remote is None:
+            return 0
+        from . import remote as mirror
+
+        conn = self._conn
+        assert conn is not None
+        with self._lock:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS [{SEGMENTS_TABLE}] (name TEXT PRIMARY KEY, merged TEXT)")
+            done = {row[0] for row in conn.execute(f"SELECT name FROM [{SEGMENTS_TABLE}]")}
+        try:
+            names = [n for n in sorted(mirror.list_segments(remote, self.name)) if n not in done]
+            if not names:
+                return 0
+            paths = {remote.path(f"{mirror.segment_folder(self.name)}/{n}"): n for n in names}
+            contents = mirror.retry(lambda: remote.fs.cat(list(paths), on_error="omit"))
+        except Exception:  # noqa: BLE001 - an unreachable remote: the local cache as it is
+            return 0
+        added = 0
+        for path, data in sorted(contents.items(), key=lambda item: paths.get(item[0], "")):
+            decoded = mirror.decode_rows(data) if isinstance(data, bytes) else None
+            if decoded is None:
+                continue
+            header, rows = decoded
+            replaces = set(header.get("replaces") or [])
+            if replaces and replaces <= done:
+                rows = []  # a compaction of segments merged here already
+            added += self._merge_rows(paths[path] if path in paths else path.rsplit("/", 1)[-1], rows)
+            done.add(paths.get(path, ""))
+        return added
+
+    def _merge_rows(self, segment: str, rows: list[dict]) -> int:
+        conn = self._conn
+        assert conn is not None
+        if any("meta" in r for r in rows):
+            self._add_answer_columns(conn)
+        with self._lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = conn.total_changes
+                for row in rows:
+                    columns = [c for c in _SEGMENT_COLUMNS if c in row]
+                    conn.execute(
+                        f"INSERT INTO [{TABLE}] ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+                        "ON CONFLICT(key) DO NOTHING",
+                        [row[c] for c in columns],
+                    )
+                added = conn.total_changes - before
+                conn.execute(f"INSERT OR IGNORE INTO [{SEGMENTS_TABLE}] (name, merged) VALUES (?, ?)", (segment, _now_iso()))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return added
+
+    @staticmethod
+    def _add_answer_columns(conn: sqlite3.Connection) -> None:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info([{TABLE}])")}
+        for name, kind in _ANSWER_COLUMNS:
+            if name not in have:
+                conn.execute(f"ALTER TABLE [{TABLE}] ADD COLUMN [{name}] {kind}")
+
+    def _push_segment(self, columns: Sequence[str], data: list) -> None:
+        """After a batch commits: push it to the remote as one immutable segment (in the background)."""
+        remote = self._mirror()
+        if remote is None:
+            return
+        from . import remote as mirror
+
+        name = mirror.new_segment_name(remote)
+        with self._lock:
+            self.connection.execute(
+                f"INSERT OR IGNORE INTO [{SEGMENTS_TABLE}] (name, merged) VALUES (?, ?)", (name, _now_iso())
+            )
+        mirror.push_segment_later(remote, self.name, name, [dict(zip(columns, row)) for row in data])
 
     def _connect(self) -> sqlite3.Connection:
         import sqlite_utils
@@ -596,6 +698,7 @@ class Database:
         )
         with self._lock:
             _write_many(self._ensure_answer_columns(), sql, data)
+        self._push_segment(("key", "request", "response", "meta", "prompt_tokens", "completion_tokens", "created"), data)
         return len(data)
 
     def get(self, key: str) -> str | bytes | None:
@@ -648,6 +751,7 @@ class Database:
         )
         with self._lock:
             _write_many(self.connection, sql, data)
+        self._push_segment(("key", "request", "response", "created"), data)
         return len(data)
 
 

@@ -53,6 +53,11 @@ class DreamerMagics(Magics):
         "size). A mismatch is a miss that sets the damaged folder aside.",
     ).tag(config=True)
     replay = Bool(True, help="Replay a step's recorded output (prints, plots, HTML) when it is loaded from disk.").tag(config=True)
+    remote = Unicode(
+        "",
+        help="Mirror the output folder on this fsspec URL (s3://bucket/prefix, gs://, az://, file://): commits are "
+        "pushed in the background and a local miss is looked up there. Empty: local only.",
+    ).tag(config=True)
     widgets = Bool(True, help="Show ipywidgets status views in a kernel with a widget frontend (False: plain text).").tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
@@ -61,11 +66,22 @@ class DreamerMagics(Magics):
         self.frontend: Any = None  # the IPythonFrontend, set by load()
         if self.output_folder:
             set_output_folder(self.output_folder)
+        if self.remote:
+            self._remote_changed({"new": self.remote})
 
     @observe("widgets")
     def _widgets_changed(self, change: Any) -> None:
         if self.frontend is not None:
             self.frontend.live = None if change["new"] else False
+
+    @observe("remote")
+    def _remote_changed(self, change: Any) -> None:
+        from .remote import set_remote
+
+        try:
+            set_remote(change["new"] or None)
+        except DreamerError as e:
+            raise UsageError(str(e)) from None
 
     @observe("output_folder")
     def _output_folder_changed(self, change: Any) -> None:
@@ -183,10 +199,10 @@ class DreamerMagics(Magics):
         "command",
         nargs="?",
         default=None,
-        help="output [PATH]: show or set the output folder; status: every step, trainer and generation "
+        help="output [PATH]: show or set the output folder; remote [URL|off]: show or set its remote mirror; status: every step, trainer and generation "
         "cache; why NAME: what changed since NAME's saved fingerprint; gc [--keep N]: delete old backups.",
     )
-    @argument("target", nargs="*", help="the PATH for `output`, the NAME for `why`.")
+    @argument("target", nargs="*", help="the PATH for `output`, the URL for `remote`, the NAME for `why`.")
     @argument("--keep", default="0", help="gc: how many backups of each step and trainer to keep, complete ones first, then the newest (default 0).")
     @line_magic
     def dreamer(self, line: str) -> Any:
@@ -195,15 +211,16 @@ class DreamerMagics(Magics):
         For example:
 
             %dreamer output [PATH]     show or set the output folder
+            %dreamer remote [URL|off]  mirror the output folder on s3://, gs://, az://, file:// (pushes, pulls)
             %dreamer status            every step and trainer, its state, size and backups; generation caches
             %dreamer why NAME          what changed since NAME's saved fingerprint
             %dreamer gc [--keep N]     delete all but the N best backups of each step (complete, then newest;
                                        default 0) and sweep what interrupted runs left
         """
         args = parse_argstring(self.dreamer, line)
-        commands = {"output": self._output, "status": self._status, "why": self._why, "gc": self._gc}
+        commands = {"output": self._output, "remote": self._remote, "status": self._status, "why": self._why, "gc": self._gc}
         if args.command is None:
-            raise UsageError("say what to do: `%dreamer output [PATH]`, `%dreamer status`, `%dreamer why NAME` or `%dreamer gc [--keep N]`")
+            raise UsageError("say what to do: `%dreamer output [PATH]`, `%dreamer remote [URL]`, `%dreamer status`, `%dreamer why NAME` or `%dreamer gc [--keep N]`")
         if args.command not in commands:
             raise UsageError(f"unknown %dreamer command {args.command!r}; use one of: {', '.join(commands)}")
         try:
@@ -217,6 +234,22 @@ class DreamerMagics(Magics):
             OutputFolder(get_output_folder()).ensure()
         print(f"output folder: {get_output_folder()}")
 
+    def _remote(self, args: Any) -> None:
+        from . import remote
+
+        if args.target:
+            self.remote = " ".join(args.target).strip("'\"")
+            if self.remote.lower() in ("off", "none"):
+                self.remote = ""
+        mirror = remote.get_remote()
+        if mirror is None:
+            print("remote: none (the output folder is local only); set one with `%dreamer remote s3://bucket/prefix`")
+            return
+        pending = mirror.pending()
+        print(f"remote: {mirror.url}" + (f" ({len(pending)} pending upload{'s' if len(pending) != 1 else ''})" if pending else ""))
+        for line in mirror.errors[-3:]:
+            print(f"  push failed: {line}")
+
     def _status(self, args: Any) -> Any:
         from .render import render_overview
 
@@ -226,7 +259,13 @@ class DreamerMagics(Magics):
             from . import cache
 
             caches = cache.list_databases(out.cache_dir)
-        return render_overview(out.overview(), caches, folder=_shown_path(out.root))
+        rows, remote = out.overview(), None
+        import sys
+
+        mirror = sys.modules.get("dreamer_magic.remote")
+        if mirror is not None and mirror.get_remote() is not None:
+            rows, remote = mirror.status_rows(mirror.get_remote(), rows)
+        return render_overview(rows, caches, folder=_shown_path(out.root), remote=remote)
 
     def _why(self, args: Any) -> Any:
         from .render import render_why
@@ -272,6 +311,14 @@ class DreamerMagics(Magics):
 
         report = OutputFolder(get_output_folder()).gc(keep)
         print("\n".join(report.lines(human_size)))
+        import sys
+
+        mirror = sys.modules.get("dreamer_magic.remote")
+        if mirror is not None and mirror.get_remote() is not None:
+            remote = mirror.get_remote()
+            remote.flush()  # pending segments first, so that the compaction includes them
+            merged, saved = mirror.compact_all(remote)
+            print(f"remote: compacted {merged} generation-cache segment{'s' if merged != 1 else ''}, freed {human_size(saved)}")
 
 
 def _shown_path(path: Any) -> str:

@@ -32,6 +32,7 @@ from .status import (
     INCOMPLETE,
     INTERRUPTED,
     LOADED,
+    PULLED,
     RAN,
     RESTORED,
     RUNNING,
@@ -63,6 +64,7 @@ GREEN, BLUE, ORANGE, RED, GREY = "#2e7d32", "#1565c0", "#e65100", "#c62828", "#7
 _STATE_COLOURS = {
     LOADED: GREEN,
     RESTORED: GREEN,
+    PULLED: GREEN,
     RAN: BLUE,
     RUNNING: BLUE,
     WAITING: ORANGE,
@@ -968,7 +970,8 @@ class Rendered:
 
 
 def render_overview(
-    rows: Sequence[dict[str, Any]], caches: Sequence[dict[str, Any]], *, folder: Any = None
+    rows: Sequence[dict[str, Any]], caches: Sequence[dict[str, Any]], *, folder: Any = None,
+    remote: dict[str, Any] | None = None,
 ) -> Rendered:
     """Render ``%dreamer status``: every step and trainer, and every generation cache.
 
@@ -987,6 +990,9 @@ def render_overview(
         ``None``; computed from hits and misses when absent).
     folder : path-like, optional
         The output folder, named in the heading.
+    remote : dict, optional
+        The remote mirror (SPEC §7): ``url``, ``pending`` (uploads queued or running, as text),
+        ``errors`` (pushes given up). Rows then carry ``where``: ``local``, ``remote`` or ``both``.
 
     Returns
     -------
@@ -999,8 +1005,15 @@ def render_overview(
         f'<div class="dreamer-overview" style="font-family:{_FONT};font-size:13px">'
         f'<div style="font-weight:600;margin-bottom:3px">{_esc(title)}</div>'
     ]
+    if remote is not None:
+        pending = list(remote.get("pending") or [])
+        line = f"remote {remote.get('url')}: " + (f"{len(pending)} pending upload{'s' if len(pending) != 1 else ''} ({'; '.join(pending)})" if pending else "no pending uploads")
+        lines = [line] + [f"push failed: {e}" for e in remote.get("errors") or []]
+        text_parts.extend(lines)
+        html_parts.extend(f'<div class="dreamer-remote" style="{_MUTED}">{_esc(x)}</div>' for x in lines)
+    where = any("where" in r for r in rows)
     if rows:
-        header = ("name", "kind", "state", "size", "backups", "fingerprint", "created")
+        header = ("name", "kind", "state", "size", "backups", "fingerprint", "created") + (("where",) if where else ())
         trows = []
         hrows = []
         for r in rows:
@@ -1014,7 +1027,7 @@ def render_overview(
                 str(r.get("backups", 0) or 0),
                 fp,
                 _fmt_created(r.get("created")),
-            )
+            ) + ((str(r.get("where", "")),) if where else ())
             trows.append(cells)
             colour = _overview_state_colour(state)
             hrows.append(
@@ -1027,6 +1040,7 @@ def render_overview(
                     _esc(cells[4]),
                     _esc(cells[5]),
                     _esc(cells[6]),
+                    *((_esc(cells[7]),) if where else ()),
                 )
             )
         text_parts.append(_text_table(header, trows, right={3, 4}))

@@ -40,6 +40,7 @@ WAITING = "waiting for another kernel"
 RAN = "ran"
 LOADED = "loaded from disk"
 RESTORED = "restored from backup"
+PULLED = "loaded from remote"  # a hit pulled from the remote output folder (SPEC §7)
 FAILED = "failed"
 INTERRUPTED = "interrupted"
 
@@ -48,9 +49,10 @@ COMPLETE = "complete"
 INCOMPLETE = "incomplete"
 
 
-def resumed_from(checkpoint: str) -> str:
-    """The state of a trainer that resumed, e.g. ``"resumed from checkpoint-300"``."""
-    return f"resumed from {checkpoint}"
+def resumed_from(checkpoint: str, remote: bool = False) -> str:
+    """The state of a trainer that resumed, e.g. ``"resumed from checkpoint-300"``
+    (``"resumed from checkpoint-30 (remote)"`` when the checkpoint came from the remote)."""
+    return f"resumed from {checkpoint}" + (" (remote)" if remote else "")
 
 
 # --------------------------------------------------------------------------------------------

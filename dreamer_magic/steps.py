@@ -43,7 +43,7 @@ from .fingerprint import (
 )
 from .folders import OutputFolder, get_output_folder, now_iso, read_json, read_meta, tree_digest, validate_name, write_json_atomic
 from .integrity import RECORD, check_links, check_mode, record_files, tree_digest_of, verify_record
-from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status, value_preview
+from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status, value_preview
 
 STEP_FILE = "step.json"
 REPLAY_FILE = "replay.json"
@@ -434,13 +434,20 @@ class StepRun:
 
         lock_name = self.name_path if self.parent is None else self.name_path + ".nested"
         _ACTIVE.runs.append(self)
+        lease = None
         try:
             with self.out.lock(lock_name, on_wait=waiting):
+                lease = self._remote_lease()
                 status.state = RUNNING
                 if self.parent is None:
                     self.out.clean_temps(self.final)
-                return self._decide_and_go(components, fp, started)
+                values = self._decide_and_go(components, fp, started)
+                self._push_to_remote(lease)
+                lease = None  # the push releases it once the remote copy is committed
+                return values
         finally:
+            if lease is not None:
+                lease.release()
             _ACTIVE.runs.remove(self)
             status.duration = time.perf_counter() - started
             status.changed()
@@ -494,6 +501,104 @@ class StepRun:
             carried = self._carry_over(fp)
             if carried is not None and self._dependencies_hold(carried, changed):
                 yield LOADED, carried
+        else:
+            pulled = self._pull_from_remote(fp, changed)
+            if pulled is not None:
+                yield PULLED, pulled
+
+    # -- the remote output folder (remote.py, SPEC §7) -------------------------------------
+    def _pull_from_remote(self, fp: str, changed: list) -> dict | None:
+        """A local miss: a committed remote copy with ``fp`` (in place, else in ``_backups``) is
+        pulled into a temporary folder, verified, and renamed into place (what is there goes to
+        the local backups). ``None`` when the remote has none (or it could not be used)."""
+        from .remote import get_remote
+
+        remote = get_remote()
+        if remote is None:
+            return None
+        try:
+            found = remote.find(self.name_path, fp, self.meta_file)
+            if found is None or not self._dependencies_hold(found[1], changed):
+                return None
+            where, meta = found
+            self.status.notes.append(f"pulling from {remote.url}/{where}")
+            self.status.changed()
+            problem = remote.pull_into_place(
+                where, meta, self.meta_file, self.final,
+                lambda: self.home.move_to_backup(self.final, self.key, self.meta_file),
+            )
+        except Exception as e:  # noqa: BLE001 - an unreachable remote is a miss, never a failed cell
+            problem = f"{type(e).__name__}: {e}"
+        self.status.notes[:] = [n for n in self.status.notes if not str(n).startswith("pulling from ")]
+        if problem is not None:
+            self.status.notes.append(f"the remote copy was not used: {problem}")
+            return None
+        return meta
+
+    def _remote_lease(self) -> Any:
+        """With a remote, hold this step's lease in the bucket (another machine running it: wait,
+        then load its result). ``None`` without a remote, for a nested step, or when the remote
+        cannot be reached (then the local lock alone guards it, and a note says so)."""
+        from .remote import get_remote
+
+        remote = get_remote()
+        if remote is None or self.parent is not None or not self._takes_lease():
+            return None
+        from .remote import Lease
+
+        status = self.status
+
+        def waiting(holder: str) -> None:
+            status.state = WAITING
+            status.notes.append(f"another machine ({holder}) is running this {self.spec.kind}; waiting for it, then loading its result")
+            status.changed()
+
+        lease = Lease(remote, self.name_path)
+        try:
+            lease.acquire(on_wait=waiting)
+        except Exception as e:  # noqa: BLE001 - an unreachable remote never stops a local run
+            status.notes.append(f"the remote lease could not be taken ({type(e).__name__}: {e}); running under the local lock only")
+            return None
+        if lease.took_over:
+            status.notes.append(f"took over the expired lease of {lease.took_over} (it stopped renewing it)")
+        return lease
+
+    def _takes_lease(self) -> bool:
+        """Whether this process takes part in the bucket lease (trainers: the main process only)."""
+        return True
+
+    def _push_to_remote(self, lease: Any = None) -> None:
+        """After a top-level step or trainer commits (or is loaded while the remote lacks it),
+        queue its push; it runs in the background, metadata last, and releases ``lease`` after."""
+        from .remote import get_remote
+
+        remote = get_remote()
+        if remote is None or self.parent is not None or self.status.state == PULLED or read_meta(self.final, self.meta_file)[0] is None:
+            if lease is not None:
+                lease.release()
+            return
+        status = self.status
+        shown = status.state != LOADED  # a hit is pushed only if the remote lacks it: no news
+        note = f"pushing to {remote.url} in the background"
+
+        def progress(done: int, total: int, finished: bool) -> None:  # the card shows the upload
+            nonlocal note
+            if not shown:
+                return
+            if finished:
+                text = f"push to {remote.url} failed (see `%dreamer status`)" if total < 0 else f"pushed to {remote.url}"
+            else:
+                text = f"pushing to {remote.url}: {done}/{total} files"
+            status.notes[:] = [text if n == note else n for n in status.notes]
+            note = text
+            status.changed()
+
+        if shown:
+            status.notes.append(note)
+        remote.push_later(
+            self.out.root, self.name_path, self.meta_file, self.spec.kind, lease=lease, on_progress=progress,
+            only_if_absent=status.state == LOADED,
+        )
 
     def _check_saved(self, folder: Path, meta: dict) -> None:
         """Before anything of a saved result is read: no symlink in it leads outside, and its
@@ -1072,7 +1177,7 @@ def run_cell_step(
     run.cell_info = info
     values = run.run()
     namespace.update(values)
-    if run.status.state in (LOADED, RESTORED):
+    if run.status.state in (LOADED, RESTORED, PULLED):
         leave_as_run_left(namespace, info, run.meta)
     return run.status
 

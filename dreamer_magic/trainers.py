@@ -95,7 +95,7 @@ from .fingerprint import fingerprint, json_safe, model_fingerprint
 from .folders import OutputFolder, fsync_tree, now_iso, read_json, read_meta, write_json_atomic
 from .integrity import RECORD, record_files
 from .hf_trainer import is_trainer as _is_hf_trainer, patched_trainer
-from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, Status, resumed_from
+from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, Status, resumed_from
 from .steps import (
     REPLAY_FILE,
     StepRun,
@@ -216,6 +216,7 @@ class _Live:
     def checkpoint_saved(self, folder: Path) -> None:
         if is_main_process():
             self.status.checkpoints = list_checkpoints(folder, validate=False)
+            self.run.push_checkpoints()
         self.changed(force=True)
 
     def changed(self, force: bool = False) -> None:
@@ -281,6 +282,7 @@ class TrainerRun(StepRun):
         self._input_keys: dict[str, str] = {}  # fingerprints of the model/tokenizer inputs used
         self._moved: str | None = None  # where the previous folder went when this run started
         self._resumed = False
+        self._pulled: set[str] = set()  # checkpoints pulled from the remote output folder by this run
         self.attached: dict[str, tuple[str, str]] = {}  # output -> (Trainer input, attribute) it came from
 
     # -- where things are ---------------------------------------------------------
@@ -412,6 +414,7 @@ class TrainerRun(StepRun):
         __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status, spec = self.status, self.spec
         if self.main:
+            self._pull_checkpoint_from_remote(fp)
             self._prepare_folder(components, fp)
         self._note_outside_seed()
         self.live.begin(0, None)
@@ -451,7 +454,7 @@ class TrainerRun(StepRun):
                     "Free some space (`%dreamer gc` prunes backups) and run the cell again to resume"
                 ) from None
             raise
-        status.state = resumed_from(status.resumed_from) if status.resumed_from else RAN
+        status.state = resumed_from(status.resumed_from, remote=status.resumed_from in self._pulled) if status.resumed_from else RAN
         status.eta = None
         self._mark_lineage(fp, values)
         status.changed()
@@ -510,6 +513,59 @@ class TrainerRun(StepRun):
         status.folder = str(folder)
         status.changed()
 
+    # -- the remote output folder (remote.py, SPEC §7) ---------------------------------------
+    def _takes_lease(self) -> bool:
+        return self.main  # the other ranks of a distributed run follow the main process
+
+    def push_checkpoints(self) -> None:
+        """Queue the upload of every complete checkpoint not yet complete remotely (in the background)."""
+        from .remote import get_remote
+
+        remote = get_remote()
+        if remote is None or self.parent is not None:
+            return
+        remote.push_checkpoints_later(
+            self.out.root, self.name_path, IN_PROGRESS, lambda path: check_checkpoint(path, need_optimizer=False) is None
+        )
+
+    def _pull_checkpoint_from_remote(self, fp: str) -> None:
+        """A fresh machine: bring the newest *complete* remote checkpoint of this very run (the
+        remote in-progress marker has ``fp``) and that marker into the local trainer folder, when
+        it is newer than any complete local one, so that training resumes from it."""
+        from .remote import get_remote
+
+        remote = get_remote()
+        if remote is None or self.parent is not None or self.spec.force or not self.resume:
+            return
+        local_marker = read_json(self.marker)
+        if local_marker is not None and local_marker.get("fingerprint") != fp:
+            return  # another run is in progress here: decide_resume deals with it
+        if read_meta(self.final, TRAINER_FILE)[0] is not None:
+            return  # a finished trainer is in place: a hit, or backed up by _prepare_folder
+        try:
+            remote_marker = remote.read_json(f"{self.name_path}/{IN_PROGRESS}")
+            if remote_marker is None or remote_marker.get("fingerprint") != fp:
+                return
+            names = remote.complete_checkpoints(self.name_path)
+            if not names:
+                return
+            newest = names[-1]
+            local = latest_checkpoint(self.final.joinpath(*Path(newest).parent.parts), need_optimizer=False, move_aside=False)
+            if local is not None and (checkpoint_step(local) or 0) >= (checkpoint_step(Path(newest)) or 0):
+                return
+            self.status.notes.append(f"pulling {Path(newest).name} from {remote.url}")
+            self.status.changed()
+            problem = remote.pull_checkpoint(self.name_path, newest, self.final)
+        except Exception as e:  # noqa: BLE001 - an unreachable remote means training from what is here
+            problem = f"{type(e).__name__}: {e}"
+        self.status.notes[:] = [n for n in self.status.notes if not str(n).startswith("pulling checkpoint-")]
+        if problem is not None:
+            self.status.notes.append(f"the remote checkpoint was not used: {problem}")
+            return
+        if local_marker is None:
+            write_json_atomic(self.marker, remote_marker)
+        self._pulled.add(Path(newest).name)
+
     def find_resume_point(self, folder: Path, *, need_optimizer: bool = True) -> Path | None:
         """The latest complete checkpoint in ``folder`` (skipped ones go into the status)."""
         found = latest_checkpoint(folder, need_optimizer=need_optimizer, status=self.status, move_aside=self.main)
@@ -521,7 +577,7 @@ class TrainerRun(StepRun):
         """Record in the status that training continues from ``checkpoint``."""
         status = self.status
         status.resumed_from = checkpoint.name
-        status.state = resumed_from(checkpoint.name)
+        status.state = resumed_from(checkpoint.name, remote=checkpoint.name in self._pulled)
         state = read_state(checkpoint)
         status.losses = losses if losses is not None else losses_from_state(state)
         status.step = checkpoint_step(checkpoint)
@@ -827,6 +883,6 @@ def run_cell_trainer(
     run.cell_info = info
     values = run.run()
     namespace.update(values)
-    if run.status.state in (LOADED, RESTORED):
+    if run.status.state in (LOADED, RESTORED, PULLED):
         steps.leave_as_run_left(namespace, info, run.meta)
     return run.status

@@ -58,7 +58,7 @@ from .render import (
     _state_colour,
     _trainer_html,
 )
-from .status import FAILED, INTERRUPTED, LOADED, RAN, RESTORED, RUNNING, WAITING, Progress, Status
+from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, RUNNING, WAITING, Progress, Status
 
 __all__ = [
     "StatusView",
@@ -235,7 +235,7 @@ def _status_view_class() -> type:
                 self.progress.bar_style = "danger"
             elif s.state in (INTERRUPTED, WAITING):
                 self.progress.bar_style = "warning"
-            elif s.duration is not None or s.state in (LOADED, RESTORED, RAN):
+            elif s.duration is not None or s.state in (LOADED, RESTORED, PULLED, RAN):
                 self.progress.bar_style = "success"
             else:
                 self.progress.bar_style = "info"

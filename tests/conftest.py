@@ -59,3 +59,50 @@ def fresh_kernel(ip):
     ip.user_ns.update(keep)
     ip.run_line_magic("reload_ext", "dreamer_magic")
     return ip
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on loopback (moto's server, started here: no service for CI to run).
+
+    Yields the environment a "machine" needs to reach it the usual way (``AWS_ENDPOINT_URL`` and
+    dummy credentials). The tests' own process is left as it was (its client is given the endpoint
+    explicitly), so nothing else in the session talks to this server by accident. Each test uses
+    its own bucket.
+    """
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "DREAMER_LEASE_TTL": "3",  # a killed machine's lease expires in 3 s, not 30
+    }
+    try:
+        yield env
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh, empty bucket on the loopback S3 server: ``(url prefix, s3fs filesystem, env)``."""
+    import re
+    import uuid
+
+    import s3fs
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:6]
+    fs = s3fs.S3FileSystem(
+        skip_instance_cache=True, use_listings_cache=False, endpoint_url=s3_server["AWS_ENDPOINT_URL"],
+        key=s3_server["AWS_ACCESS_KEY_ID"], secret=s3_server["AWS_SECRET_ACCESS_KEY"],
+    )
+    fs.mkdir(name)
+    return f"s3://{name}/project/output", fs, s3_server

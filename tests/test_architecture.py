@@ -25,6 +25,7 @@ ORDER = [
     "integrity",
     "folders",
     "storage",
+    "remote",
     "cache",
     "models",
     "backends",

@@ -25,11 +25,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-HIT_STATES = ("loaded from disk", "restored from backup")
+HIT_STATES = ("loaded from disk", "restored from backup", "loaded from remote")
 # widgets.status_text: "[dreamer] step clean: loaded from disk in 5 ms (saved 503 ms) — outputs: ..."
 STATUS_LINE = re.compile(
     r"^\[dreamer\] (?:step|trainer) [^:]+: "
-    r"(ran|loaded from disk|restored from backup|resumed from \S+|failed|interrupted|running|waiting for another kernel)\b"
+    r"(ran|loaded from disk|restored from backup|loaded from remote|resumed from \S+|failed|interrupted|running|waiting for another kernel)\b"
 )
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
