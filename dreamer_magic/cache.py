@@ -42,6 +42,16 @@ Several processes at once
     a UNIQUE error when two writers race on one key. Each :meth:`Database.put_many` is one
     transaction, so every finished batch survives an interrupt or ``kill -9``.
 
+When the disk or another process says no
+    A computed result is always returned. A write waits :data:`WAIT_NOTE_AFTER_S` for
+    another process's lock quietly, then says so (:class:`~dreamer_magic.errors.CacheWarning`)
+    and waits up to :data:`BUSY_TIMEOUT_S` in all; if the lock is still held, the disk is full
+    or the file cannot be written, the rows are kept in memory (lookups in this process see
+    them) and written with the next write or at exit (:meth:`Database.flush`). A damaged file
+    ("file is not a database", "malformed") is renamed ``<name>.sqlite.damaged-<time>`` (its
+    WAL with it) and a new one started, with one warning; a file deleted while in use (``.cache``
+    removed) is created again before the next write.
+
 Lookups
     The table keeps its rows in write order (appends are cheap and pages full). A batched
     lookup finds the rowids through the key index, then reads the rows in rowid order and
@@ -59,12 +69,16 @@ Live counts
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import re
 import sqlite3
+import sys
 import threading
 import time
+import warnings
 from json.encoder import encode_basestring as _json_str
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -72,7 +86,7 @@ from typing import Any, Callable, Iterable, Sequence
 import xxhash
 
 from . import events
-from .errors import CacheMissError, DreamerError
+from .errors import CacheMissError, CacheWarning, DreamerError
 
 __all__ = [
     "TABLE",
@@ -96,7 +110,8 @@ __all__ = [
 
 TABLE = "cache"
 SUFFIX = ".sqlite"
-BUSY_TIMEOUT_S = 60.0
+BUSY_TIMEOUT_S = 60.0  # how long a write waits for another process's write lock (read at each write)
+WAIT_NOTE_AFTER_S = 1.0  # a write that waits longer than this for the lock says so first
 CHECKPOINT_AFTER = 10_000  # rows written by one get_or_compute call that trigger a checkpoint
 LOOKUP_CHUNK = 250_000  # keys per lookup query (one JSON array parameter each)
 
@@ -410,6 +425,9 @@ class Database:
         self._pid = -1
         self._lock = threading.RLock()
         self._answer_columns = -1  # the pid whose connection has the backends' columns
+        self._file_id: tuple[int, int] | None = None  # (device, inode) of the file the connection opened
+        self._unwritten: list[tuple[str, list, bool]] = []  # (sql, rows, needs the answer columns)
+        self._unwritten_responses: dict[str, str | bytes] = {}  # key -> response of those rows
 
     def __repr__(self) -> str:
         return f"Database({str(self.path)!r})"
@@ -423,11 +441,42 @@ class Database:
         segments other machines pushed (:meth:`merge_remote_segments`).
         """
         if self._conn is None or self._pid != os.getpid():
-            self._conn = self._connect()
+            try:
+                conn = self._connect()
+            except sqlite3.DatabaseError as e:  # "file is not a database": set it aside, start anew
+                kind = _error_kind(e)
+                if kind == "unwritable" and self.path.is_file():  # a read-only folder: lookups still work
+                    conn = self._connect_read_only(e)
+                elif kind != "damaged" or not self._set_aside(e):
+                    raise
+                else:
+                    conn = self._connect()
+            _busy(conn, min(WAIT_NOTE_AFTER_S, BUSY_TIMEOUT_S))  # longer waits say so first (_write_waiting)
+            self._conn = conn
             self._pid = os.getpid()
             self._answer_columns = -1
-            self.merge_remote_segments()
+            self._file_id = _file_id(self.path)
+            try:
+                self.merge_remote_segments()
+            except (sqlite3.Error, OSError) as e:  # locked, full...: merged when it is next opened
+                if _error_kind(e) is None:
+                    raise
+                _note(f"the remote segments of the generation cache {self.name!r} could not be merged now ({e})")
         return self._conn
+
+    def _connect_read_only(self, error: BaseException) -> sqlite3.Connection:
+        """A read-only connection to a database that cannot be opened for writing (a read-only
+        output folder): lookups work, and writes are kept in memory (:meth:`_store`)."""
+        from urllib.parse import quote
+
+        for mode in ("mode=ro", "immutable=1"):  # immutable: not even the WAL index can be written
+            conn = sqlite3.connect(f"file:{quote(str(self.path))}?{mode}", uri=True, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute(f"SELECT 1 FROM [{TABLE}] LIMIT 1").fetchall()
+                return conn
+            except sqlite3.Error:
+                conn.close()
+        raise error
 
     # the remote output folder (remote.py, SPEC §7) ------------------------------------------
     def _mirror(self) -> Any:
@@ -519,9 +568,13 @@ class Database:
 
         name = mirror.new_segment_name(remote)
         with self._lock:
-            self.connection.execute(
-                f"INSERT OR IGNORE INTO [{SEGMENTS_TABLE}] (name, merged) VALUES (?, ?)", (name, _now_iso())
-            )
+            try:  # not merged back here later; if it cannot be noted now, a merge adds nothing new
+                self.connection.execute(
+                    f"INSERT OR IGNORE INTO [{SEGMENTS_TABLE}] (name, merged) VALUES (?, ?)", (name, _now_iso())
+                )
+            except (sqlite3.Error, OSError) as e:
+                if _error_kind(e) is None:
+                    raise
         mirror.push_segment_later(remote, self.name, name, [dict(zip(columns, row)) for row in data])
 
     def _connect(self) -> sqlite3.Connection:
@@ -629,6 +682,7 @@ class Database:
             return conn
         have = {row[1] for row in conn.execute(f"PRAGMA table_info([{TABLE}])")}
         if any(name not in have for name, _ in _ANSWER_COLUMNS):
+            _busy(conn, BUSY_TIMEOUT_S)  # once per process: wait as long as it takes
             conn.execute("BEGIN IMMEDIATE")
             try:
                 have = {row[1] for row in conn.execute(f"PRAGMA table_info([{TABLE}])")}
@@ -640,6 +694,8 @@ class Database:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            finally:
+                _busy(conn, min(WAIT_NOTE_AFTER_S, BUSY_TIMEOUT_S))
         self._answer_columns = os.getpid()
         return conn
 
@@ -696,8 +752,7 @@ class Database:
             "prompt_tokens = excluded.prompt_tokens, completion_tokens = excluded.completion_tokens, "
             "created = excluded.created"
         )
-        with self._lock:
-            _write_many(self._ensure_answer_columns(), sql, data)
+        self._store(sql, data, answers=True)
         self._push_segment(("key", "request", "response", "meta", "prompt_tokens", "completion_tokens", "created"), data)
         return len(data)
 
@@ -738,7 +793,11 @@ class Database:
 
         Existing keys are overwritten (an upsert that cannot fail on a race). The transaction
         starts with ``BEGIN IMMEDIATE`` and commits before returning: once this returns, the
-        rows survive an interrupt, a crash or ``kill -9`` of this process.
+        rows survive an interrupt, a crash or ``kill -9`` of this process. When the database
+        cannot be written now (another process holds the lock past :data:`BUSY_TIMEOUT_S`, the
+        disk is full), the rows are kept in memory instead, with a :class:`CacheWarning`, and
+        written with the next write or when Python exits (:meth:`flush`); lookups in this
+        process see them meanwhile.
         """
         created = _now_iso()
         data = [(k, q, r, created) for k, q, r in rows]
@@ -749,10 +808,245 @@ class Database:
             "ON CONFLICT(key) DO UPDATE SET request = excluded.request, "
             "response = excluded.response, created = excluded.created"
         )
-        with self._lock:
-            _write_many(self.connection, sql, data)
+        self._store(sql, data)
         self._push_segment(("key", "request", "response", "created"), data)
         return len(data)
+
+
+    # when another process or the disk says no -------------------------------------------------
+    def _store(self, sql: str, data: list, *, answers: bool = False) -> None:
+        """Write ``data`` now, or keep it in memory to write later: a result is never lost here.
+
+        A database file deleted (or replaced) since it was opened is opened anew, so that later
+        writes land in a file that exists; a damaged one is set aside and started anew.
+        """
+        connect = self._ensure_answer_columns if answers else (lambda: self.connection)
+        with self._lock:
+            self._check_file()
+            if self._unwritten:
+                self._write_unwritten(wait=False)
+            try:
+                self._write_waiting(connect(), sql, data)
+                return
+            except (sqlite3.Error, OSError) as e:
+                error, kind = e, _error_kind(e)
+                if kind is None:
+                    raise
+            if kind == "damaged" and self._set_aside(error):
+                try:
+                    self._write_waiting(connect(), sql, data)
+                    return
+                except (sqlite3.Error, OSError) as e:
+                    error, kind = e, _error_kind(e)
+                    if kind is None:
+                        raise
+            self._keep(sql, data, answers, error, kind or "unwritable")
+
+    def _write_waiting(self, conn: sqlite3.Connection, sql: str, data: list) -> None:
+        """One transaction; if another process holds the write lock, say so, then wait for it.
+
+        The connection waits :data:`WAIT_NOTE_AFTER_S` for a lock by itself (no statement more
+        per write); only a longer wait changes its busy timeout, and rows already kept in
+        memory mean not waiting at all (the lock was held past the timeout a moment ago).
+        """
+        short = min(WAIT_NOTE_AFTER_S, BUSY_TIMEOUT_S)
+        changed = bool(self._unwritten)
+        if changed:
+            _busy(conn, 0.0)
+        try:
+            try:
+                _write_many(conn, sql, data)
+                return
+            except sqlite3.OperationalError as e:
+                if _error_kind(e) != "busy" or self._unwritten or short >= BUSY_TIMEOUT_S:
+                    raise
+            _note(
+                f"the generation cache {self.name!r} is locked by another process: waiting up to "
+                f"{BUSY_TIMEOUT_S - short:.0f} s more to write {len(data)} result{'s' if len(data) != 1 else ''} "
+                "(they are returned either way)"
+            )
+            changed = True
+            _busy(conn, BUSY_TIMEOUT_S - short)
+            _write_many(conn, sql, data)
+        finally:
+            if changed:
+                with contextlib.suppress(sqlite3.Error):
+                    _busy(conn, short)
+
+    def _keep(self, sql: str, data: list, answers: bool, error: BaseException, kind: str) -> None:
+        first = not self._unwritten
+        self._unwritten.append((sql, data, answers))
+        self._unwritten_responses.update((row[0], row[2]) for row in data)
+        _BEHIND.add(self)
+        if first:
+            reason = {
+                "busy": f"another process has held its write lock for more than {BUSY_TIMEOUT_S:.0f} s",
+                "full": "the disk is full",
+                "damaged": f"it is damaged and could not be set aside: {error}",
+            }.get(kind, str(error))
+            _note(
+                f"{len(data)} result{'s' if len(data) != 1 else ''} could not be written to the generation "
+                f"cache {self.name!r} ({reason}); they are returned as usual, kept in memory and written "
+                "with the next batch or when Python exits"
+            )
+
+    def _write_unwritten(self, *, wait: bool) -> None:
+        """Try again to write the rows kept in memory (waiting for the lock only if ``wait``)."""
+        rows = sum(len(data) for _, data, _ in self._unwritten)
+        conn = None
+        try:
+            while self._unwritten:
+                sql, data, answers = self._unwritten[0]
+                conn = self._ensure_answer_columns() if answers else self.connection
+                _busy(conn, BUSY_TIMEOUT_S if wait else 0.0)
+                _write_many(conn, sql, data)
+                self._unwritten.pop(0)
+        except (sqlite3.Error, OSError) as e:
+            if _error_kind(e) is None:
+                raise
+            return
+        finally:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    _busy(conn, min(WAIT_NOTE_AFTER_S, BUSY_TIMEOUT_S))
+        self._unwritten_responses.clear()
+        _BEHIND.discard(self)
+        _note(f"the {rows} result{'s' if rows != 1 else ''} kept in memory are now written to the generation cache {self.name!r}")
+
+    def flush(self, *, wait: bool = True) -> int:
+        """Write the rows kept in memory (see :meth:`put_many`); returns how many are still unwritten.
+
+        Examples
+        --------
+        >>> db.flush()  # doctest: +SKIP
+        0
+
+        Called for every database when Python exits; ``wait`` waits up to :data:`BUSY_TIMEOUT_S`
+        for another process's write lock.
+        """
+        with self._lock:
+            if self._unwritten:
+                self._check_file()
+                self._write_unwritten(wait=wait)
+            return sum(len(data) for _, data, _ in self._unwritten)
+
+    def unwritten(self, keys: Iterable[str]) -> dict[str, str | bytes]:
+        """The responses of those ``keys`` that are kept in memory, not yet written."""
+        if not self._unwritten_responses:
+            return {}
+        with self._lock:
+            return {k: self._unwritten_responses[k] for k in keys if k in self._unwritten_responses}
+
+    def _check_file(self) -> None:
+        """Re-open the database if its file was deleted (``.cache`` removed) or replaced."""
+        if self._conn is None or self._pid != os.getpid():
+            return
+        now = _file_id(self.path)
+        if now == self._file_id:
+            return
+        self._drop_connection()
+        if now is None:
+            _note(
+                f"the generation cache {self.name!r} was deleted while in use ({self.path}); it is "
+                "created again, so the results from now on are kept"
+            )
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+        self._conn = None
+        self._answer_columns = -1
+        self._file_id = None
+
+    def _set_aside(self, error: BaseException) -> bool:
+        """Rename a damaged database file (and its WAL) out of the way; ``True`` if a new one can start.
+
+        Nothing is deleted: ``<name>.sqlite.damaged-<time>`` keeps what it held. If another
+        process has already set it aside (the file is not the one this process opened), this
+        one only re-opens.
+        """
+        with self._lock:
+            now = _file_id(self.path)
+            opened = self._file_id
+            self._drop_connection()
+            if now is None or (opened is not None and now != opened):
+                return True
+            aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                os.rename(self.path, aside)
+            except OSError:
+                return False
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.rename(f"{self.path}{suffix}", f"{aside}{suffix}")
+            _note(
+                f"the generation cache {self.path.name} is damaged ({error}): it was set aside as "
+                f"{aside.name} (nothing is deleted) and a new, empty one is started"
+            )
+            return True
+
+
+def _error_kind(error: BaseException) -> str | None:
+    """What stopped a database operation: ``"busy"`` (another process holds the lock),
+    ``"full"`` (the disk), ``"damaged"`` (not a database, malformed), ``"unwritable"``
+    (read-only, cannot be opened, an I/O error), or ``None`` (a bug: let it raise)."""
+    if isinstance(error, (sqlite3.ProgrammingError, sqlite3.IntegrityError, sqlite3.InterfaceError)):
+        return None
+    name = getattr(error, "sqlite_errorname", "") or ""
+    text = str(error).lower()
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text or "is busy" in text:
+        return "busy"
+    if name.startswith("SQLITE_FULL") or "disk is full" in text or getattr(error, "errno", None) == 28:
+        return "full"
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text:
+        return "damaged"
+    if isinstance(error, (sqlite3.DatabaseError, OSError)):
+        return "unwritable"
+    return None
+
+
+def _busy(conn: sqlite3.Connection, seconds: float) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _note(message: str) -> None:
+    """Show a :class:`CacheWarning` at the user's line, every time it happens (not once per line)."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(("dreamer_magic.", "tqdm")):
+        frame = frame.f_back
+    warnings.warn_explicit(
+        message, CacheWarning, frame.f_code.co_filename, frame.f_lineno,
+        module=frame.f_globals.get("__name__", "__main__"), registry={},
+    )
+
+
+_BEHIND: set[Database] = set()  # databases with rows kept in memory (held until written)
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """Write what could not be written earlier; say what is lost if even that fails."""
+    for database in list(_BEHIND):
+        try:
+            left = database.flush(wait=True)
+        except Exception as e:  # noqa: BLE001 - the interpreter is exiting: report, never raise
+            left = sum(len(data) for _, data, _ in database._unwritten)
+            print(f"dreamer_magic: the generation cache {database.name!r} could not be written: {e}", file=sys.stderr)
+        if left:
+            print(
+                f"dreamer_magic: {left} results could not be written to the generation cache "
+                f"{database.name!r} before exit (they were returned; they will be computed again)",
+                file=sys.stderr,
+            )
 
 
 def _write_many(conn: sqlite3.Connection, sql: str, data: list) -> None:
@@ -794,6 +1088,45 @@ def _write_gitignore(folder: Path) -> None:
 
 
 # -- lookup, compute the misses in batches, store -------------------------------------------------
+def _lookup(database: Database, keys: Sequence[str], decode_json: bool) -> dict[str, Any]:
+    """The stored responses of ``keys`` (also those kept in memory, not yet written).
+
+    A damaged database is set aside and started anew; one that cannot be read at all is
+    treated as empty, with a warning: the cache never keeps the function from running.
+    """
+    found: dict[str, Any] = {}
+    for attempt in (1, 2):
+        try:
+            found = database.get_json_many(keys) if decode_json else database.get_many(keys)
+            break
+        except (sqlite3.Error, OSError) as e:
+            kind = _error_kind(e)
+            if kind is None:
+                raise
+            if kind == "damaged" and attempt == 1 and database._set_aside(e):
+                continue
+            if kind == "busy" and attempt == 1:  # rare in WAL (a crash recovery): wait as a write does
+                _note(f"the generation cache {database.name!r} is locked by another process: waiting to read it")
+                with database._lock:
+                    _busy(database.connection, BUSY_TIMEOUT_S)
+                try:
+                    found = database.get_json_many(keys) if decode_json else database.get_many(keys)
+                    break
+                except (sqlite3.Error, OSError) as again:
+                    if _error_kind(again) is None:
+                        raise
+                    e = again
+                finally:
+                    with database._lock, contextlib.suppress(sqlite3.Error):
+                        _busy(database.connection, min(WAIT_NOTE_AFTER_S, BUSY_TIMEOUT_S))
+            _note(f"the generation cache {database.name!r} cannot be read ({e}): computing the results instead")
+            break
+    if database._unwritten_responses and len(found) < len(keys):
+        kept = database.unwritten(k for k in keys if k not in found)
+        found.update(zip(kept, decode_json_many(kept.values())) if decode_json else kept.items())
+    return found
+
+
 def get_or_compute(
     database: Database,
     keys: Sequence[str],
@@ -838,12 +1171,7 @@ def get_or_compute(
     what it finished and a re-run computes only the rest. Observers hear the hits and misses
     once, right after the lookup.
     """
-    if force:
-        found: dict[str, Any] = {}
-    elif decode_json:
-        found = database.get_json_many(keys)
-    else:
-        found = database.get_many(keys)
+    found = {} if force else _lookup(database, keys, decode_json)
     if len(found) == len(keys):
         record(database, len(keys), 0)
         return found

@@ -79,7 +79,7 @@ class CellInfo:
     unanalysable: list[str] = field(default_factory=list)
 
 
-def analyze(source: str, *, transform: Callable[[str], str] | None = None) -> CellInfo:
+def analyze(source: str, *, transform: Callable[[str], str] | None = None, first_line: int = 1) -> CellInfo:
     """Find a cell's inputs, outputs and re-runnable statements.
 
     ``transform`` turns IPython syntax into Python (``shell.transform_cell``); it is applied to the
@@ -103,9 +103,11 @@ def analyze(source: str, *, transform: Callable[[str], str] | None = None) -> Ce
         ``nonlocal`` at the top level or ``break``/``continue`` outside a loop; if it runs a cell
         magic other than ``%%capture``, ``%%time``, ``%%timeit`` and ``%%prun``.
     """
-    tree = _parse(source, _Where())
+    where = _Where(first_line=first_line)  # messages name the lines as the editor shows them
+    tree = _parse(source, where)
     scanner = _Scanner(transform)
-    scanner.code(tree.body, source, _Where(), top=True)
+    scanner.where = where
+    scanner.code(tree.body, source, where, top=True)
     return scanner.result(source)
 
 
@@ -117,10 +119,12 @@ class _Where:
     """Where nested code comes from, for messages: the cell itself or a magic's body."""
 
     magic: str | None = None  # "%%capture", "%time", ...
+    first_line: int = 1  # the editor's number of the cell's first line (2 under a %%dreamer_ line)
 
-    @staticmethod
-    def line(lineno: int | None) -> str:
-        return f"line {lineno}" if lineno is not None else "line ?"
+    def line(self, lineno: int | None) -> str:
+        if lineno is None:
+            return "line ?"
+        return f"line {lineno + self.first_line - 1 if self.magic is None else lineno}"
 
     @property
     def what(self) -> str:

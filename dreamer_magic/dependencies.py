@@ -1569,8 +1569,14 @@ def check(recorded: dict[str, Any] | None, cwd: str | os.PathLike | None = None,
     changes: list[Change] = []
     with _paused():
         for checker in (_check_files, _check_folders, _check_code, _check_libraries, _check_rng):
-            for change in checker(recorded, base):
-                changes.append(change)
+            try:
+                for change in checker(recorded, base):
+                    changes.append(change)
+                    if first_only:
+                        return changes
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+                # a hand-edited or damaged record: the result cannot be trusted, so it re-runs
+                changes.append(Change("damaged", "dependencies", "the recorded dependencies are damaged"))
                 if first_only:
                     return changes
     return changes

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -41,6 +42,11 @@ NAME_RULE = (
     "a name must be 1-100 characters of letters, digits, space, '_', '-' or '.', "
     "must not start with '.' or '_', and must not be '..'"
 )
+WRITE_REFUSED = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})  # errnos of a folder we may not write
+
+# A folder name is written inside longer file names (``.<name>.tmp-<pid>-<random>``, 22 bytes
+# more), and file systems allow 255 bytes per name: 200 bytes of UTF-8 leaves room for them.
+NAME_MAX_BYTES = 200
 RESERVED = {"_backups", ".cache", ".locks"}
 BACKUPS = "_backups"
 
@@ -74,6 +80,13 @@ def validate_name(name: str) -> str:
         shown = name if len(name) <= 40 else name[:37] + "..."
         raise InvalidNameError(f"invalid name {shown!r}: {NAME_RULE} (and no leading or trailing spaces)")
     folder = name.lower().replace(" ", "-")
+    size = len(folder.encode("utf-8", "surrogatepass"))
+    if size > NAME_MAX_BYTES:
+        raise InvalidNameError(
+            f"the name {name[:20] + '...'!r} is too long for a folder: its {len(name)} characters are {size} "
+            f"bytes in UTF-8, and a step or trainer name may take at most {NAME_MAX_BYTES} bytes (a letter "
+            "outside ASCII takes 2-4); choose a shorter name"
+        )
     if folder in RESERVED:
         raise InvalidNameError(f"invalid name {name!r}: it is reserved for the output folder's own use")
     return folder
@@ -207,15 +220,56 @@ def read_json(path: str | os.PathLike) -> dict | None:
 
 
 def fsync_tree(path: Path) -> None:
-    """fsync every file under ``path`` (before the metadata that commits them is written)."""
+    """fsync every file and folder under ``path`` (a file: just it), before the metadata that
+    commits them is written: after a power cut, a step.json never names data that is not there."""
+    if os.path.isfile(path) and not os.path.islink(path):
+        _fsync_file(os.fspath(path))
+        return
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
-            with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                _fsync_file(full)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_file(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) for the few file-system operations that commit a result.
+
+    Examples
+    --------
+    >>> with interrupts_deferred():  # doctest: +SKIP
+    ...     out.commit(tmp, final, name, "step.json", meta)
+
+    An interrupt that arrives meanwhile is raised as ``KeyboardInterrupt`` right after the
+    block, so a commit is whole or not done. Only the main thread can do this (elsewhere, and
+    where Python does not own the SIGINT handler, the block runs as it is).
+    """
+    import signal
+    import threading
+
+    received: list[int] = []
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous is None:
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def fsync_dir(path: Path) -> None:
@@ -336,12 +390,17 @@ def read_meta(folder: Path, meta_file: str) -> tuple[dict | None, str | None]:
         return None, f"{meta_file} is missing (the save never finished)"
     except OSError as e:
         return None, f"{meta_file} cannot be read ({e.strerror})"
+    except UnicodeDecodeError:
+        return None, f"{meta_file} is damaged: not UTF-8 text"
     try:
         meta = json.loads(text)
     except ValueError:
         return None, f"{meta_file} is corrupt (not valid JSON)"
     if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), str):
         return None, f"{meta_file} is corrupt (no fingerprint)"
+    shape = meta_shape_problem(meta)
+    if shape is not None:
+        return None, f"{meta_file} is damaged: {shape}"
     outside = unsafe_paths(meta)  # never probe a path that leads outside the folder
     if outside:
         return None, f"{meta_file} is refused: {outside}"
@@ -350,6 +409,78 @@ def read_meta(folder: Path, meta_file: str) -> tuple[dict | None, str | None]:
         if rel and not (folder / rel).exists():
             return None, f"the saved output {name!r} ({rel}) was deleted"
     return meta, None
+
+
+# What each key of step.json / trainer.json must hold when present (None is always allowed).
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "kind": (str,),
+    "source": (str,),
+    "created": (str,),
+    "parent": (str,),
+    "duration": (int, float),
+    "components": (dict,),
+    "outputs": (dict,),
+    "dependencies": (dict,),
+    "input_previews": (dict,),
+    "packages": (dict,),
+    "inputs": (list,),
+    "rebind": (list,),
+    "deleted": (list,),
+    "losses": (list,),
+    "eval_losses": (list,),
+    "checkpoints": (list,),
+    "not_saved": (dict,),
+    "trained": (dict,),
+    "final_step": (int, float),
+    "max_steps": (int, float),
+}
+_COMPONENT_TYPES: dict[str, tuple[type, ...]] = {"inputs": (dict,), "libraries": (dict,), "source": (str,)}
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    return {str: "a string", dict: "an object", list: "a list", int: "a number"}[types[0]]
+
+
+def meta_shape_problem(meta: dict) -> str | None:
+    """What is wrongly shaped in a parsed step.json/trainer.json, or ``None`` if nothing is.
+
+    Examples
+    --------
+    >>> meta_shape_problem({"fingerprint": "ab", "outputs": []})
+    '`outputs` is not an object'
+    >>> meta_shape_problem({"fingerprint": "ab", "outputs": {"x": {"path": "_outputs/x.json"}}}) is None
+    True
+
+    A folder whose metadata was edited by hand, truncated into valid JSON, or written by
+    something else is then a miss (and kept aside when the step runs), never a traceback.
+    """
+    for key, types in _META_TYPES.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            return f"`{key}` is not {_type_name(types)}"
+    for key, types in _COMPONENT_TYPES.items():
+        value = (meta.get("components") or {}).get(key)
+        if value is not None and not isinstance(value, types):
+            return f"`components.{key}` is not {_type_name(types)}"
+    for name, entry in (meta.get("outputs") or {}).items():
+        if not isinstance(entry, dict):
+            return f"the output {name!r} is not an object"
+        for key in ("path", "type", "storage"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                return f"the output {name!r} has a `{key}` that is not a string"
+    for key in ("losses", "eval_losses"):
+        for point in meta.get(key) or []:
+            if not (isinstance(point, list) and len(point) == 2 and all(_is_number(v) for v in point)):
+                return f"`{key}` holds something other than [step, loss] pairs"
+    for key in ("inputs", "rebind", "deleted", "checkpoints"):
+        if not all(isinstance(v, str) for v in meta.get(key) or []):
+            return f"`{key}` holds something other than strings"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class OutputFolder:
@@ -404,19 +535,29 @@ class OutputFolder:
         """
         from filelock import FileLock, Timeout
 
-        locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(locks / (name_path.replace("/", "__") + ".lock")), thread_local=False)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            if on_wait is not None:
-                on_wait()
-            lock.acquire()
+        lock = None
+        for locks in (self.root / ".locks", _fallback_locks(self.root)):
+            try:
+                locks.mkdir(parents=True, exist_ok=True)
+                lock = FileLock(str(locks / lock_file_name(name_path)), thread_local=False)
+                lock.acquire(timeout=0)
+                break
+            except Timeout:
+                if on_wait is not None:
+                    on_wait()
+                lock.acquire()
+                break
+            except OSError as e:
+                # a read-only output folder: lock in the temporary folder instead (a hit only
+                # reads), and with no writable place at all, go on without a lock
+                if e.errno not in WRITE_REFUSED:
+                    raise
+                lock = None
         try:
             yield
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
 
     @contextlib.contextmanager
     def try_lock(self, name_path: str) -> Iterator[bool]:
@@ -428,7 +569,7 @@ class OutputFolder:
 
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(locks / (name_path.replace("/", "__") + ".lock")), thread_local=False)
+        lock = FileLock(str(locks / lock_file_name(name_path)), thread_local=False)
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -489,6 +630,7 @@ class OutputFolder:
 
         Returns where the previous folder went (``None`` if there was none).
         """
+        fsync_tree(tmp)  # the data is on disk before the metadata that says it is complete
         write_json_atomic(tmp / meta_file, meta)
         moved = self.move_to_backup(final, name_path, meta_file)
         os.rename(tmp, final)
@@ -516,6 +658,7 @@ class OutputFolder:
             trash = trash_name(dest)  # renamed first, deleted last: a kill leaves trash the next run sweeps
             os.rename(dest, trash)
         os.rename(final, dest)
+        _fsync_dir(dest.parent)
         if trash is not None:
             remove_path(trash)
         return str(dest.relative_to(self.root))
@@ -688,6 +831,66 @@ def _mtime(path: Path) -> float:
         return os.lstat(path).st_mtime
     except OSError:
         return 0.0
+
+
+def _fallback_locks(root: Path) -> Path:
+    """Where the locks of a read-only output folder live: one folder per output folder under
+    the system's temporary folder (kernels on this machine still exclude each other)."""
+    import tempfile
+
+    import xxhash
+
+    return Path(tempfile.gettempdir(), "dreamer_magic-locks", xxhash.xxh3_64_hexdigest(str(root).encode()))
+
+
+@contextlib.contextmanager
+def saving_into(root: Path, what: str) -> Iterator[None]:
+    """Turn the file-system errors of starting to save ``what`` into one clear line.
+
+    Examples
+    --------
+    >>> with saving_into(out.root, "step 'clean'"):  # doctest: +SKIP
+    ...     tmp = out.new_temp(final)
+
+    Raises
+    ------
+    DreamerError
+        The output folder is read-only (``EROFS``, ``EACCES``, ``EPERM``), or a file name is
+        too long for its file system.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno in WRITE_REFUSED:
+            raise DreamerError(
+                f"the output folder {str(root)!r} is read-only ({e.strerror}): {what} must run, and "
+                "its result cannot be saved there (saved results still load). Choose a writable "
+                "output folder with `%dreamer output PATH`"
+            ) from None
+        if e.errno == errno.ENAMETOOLONG:
+            raise DreamerError(
+                f"a file name is too long for the file system of the output folder {str(root)!r} while "
+                f"saving {what}: choose a shorter name"
+            ) from None
+        raise
+
+
+def lock_file_name(name_path: str) -> str:
+    """The lock file of a step or trainer: ``a__b.lock`` for ``a/b``, shortened with a digest
+    when a nested name would pass the file system's 255 bytes per name.
+
+    Examples
+    --------
+    >>> lock_file_name("parent/child")
+    'parent__child.lock'
+    """
+    stem = name_path.replace("/", "__")
+    if len(stem.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES:
+        import xxhash
+
+        digest = xxhash.xxh3_64_hexdigest(stem.encode("utf-8", "surrogatepass"))
+        stem = stem.encode("utf-8", "surrogatepass")[:100].decode("utf-8", "ignore") + "-" + digest
+    return stem + ".lock"
 
 
 @contextlib.contextmanager

@@ -174,6 +174,7 @@ class DreamerMagics(Magics):
             exclude=self._hidden_names(),
             files=[f.strip() for f in (args.files or "").split(",") if f.strip()],
         )
+        before = self.frontend.last_status
         try:
             if kind == "step":
                 steps.run_cell_step(name, source, self.shell.user_ns, **options)
@@ -183,6 +184,8 @@ class DreamerMagics(Magics):
                 trainers.run_cell_trainer(name, source, self.shell.user_ns, resume=not args.no_resume, **options)
         except DreamerError as e:
             raise UsageError(str(e)) from None
+        except KeyboardInterrupt:
+            raise UsageError(_interrupted_line(self.frontend.last_status, before)) from None
 
     @property
     def _last_status(self) -> Any:
@@ -319,6 +322,14 @@ class DreamerMagics(Magics):
             remote.flush()  # pending segments first, so that the compaction includes them
             merged, saved = mirror.compact_all(remote)
             print(f"remote: compacted {merged} generation-cache segment{'s' if merged != 1 else ''}, freed {human_size(saved)}")
+
+
+def _interrupted_line(status: Any, before: Any) -> str:
+    """The one line a Ctrl-C in a step or trainer cell shows: what was kept (the status says)."""
+    error = getattr(status, "error", None) if status is not before else None
+    if isinstance(error, str) and error.startswith("interrupted"):
+        return error
+    return steps.INTERRUPTED_NOTHING_SAVED
 
 
 def _shown_path(path: Any) -> str:

@@ -42,12 +42,14 @@ from .fingerprint import (
     source_of,
 )
 from .folders import OutputFolder, get_output_folder, now_iso, read_json, read_meta, tree_digest, validate_name, write_json_atomic
+from .folders import WRITE_REFUSED, interrupts_deferred, saving_into
 from .integrity import RECORD, check_links, check_mode, record_files, tree_digest_of, verify_record
 from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status, value_preview
 
 STEP_FILE = "step.json"
 REPLAY_FILE = "replay.json"
 RNG_FILE = "rng_state.json"  # the global RNG state the body left, set again on a hit
+INTERRUPTED_NOTHING_SAVED = "interrupted: nothing saved, the previous result is kept"
 
 class _Active(threading.local):
     """The steps running now in this thread, outermost first (a step called from a worker
@@ -208,26 +210,27 @@ def why(
     """
     if meta is None:
         return [Reason.first_run(problem)]
-    old = meta.get("components") or {}
+    old = _dict(meta.get("components"))  # a hand-edited record counts as "changed", never a traceback
     reasons = []
     if old.get("format") != components.get("format"):
         reasons.append(Reason.format_changed())
     if old.get("source") != components.get("source"):
-        changes = line_changes(meta.get("source", ""), source, first_line=first_line)
+        before = meta.get("source")
+        changes = line_changes(before if isinstance(before, str) else "", source, first_line=first_line)
         reasons.append(Reason.code_changed(Reason.code_line(*change) for change in changes))
-    old_inputs, new_inputs = old.get("inputs") or {}, components.get("inputs") or {}
-    old_previews, new_previews = meta.get("input_previews") or {}, previews or {}
+    old_inputs, new_inputs = _dict(old.get("inputs")), components.get("inputs") or {}
+    old_previews, new_previews = _dict(meta.get("input_previews")), previews or {}
     for name in new_inputs:
         if name not in old_inputs:
             reasons.append(Reason.input_added(name))
         elif old_inputs[name] != new_inputs[name]:
-            reasons.append(_input_reason(name, old_previews.get(name) or {}, new_previews.get(name) or {}))
+            reasons.append(_input_reason(name, _dict(old_previews.get(name)), new_previews.get(name) or {}))
     for name in old_inputs:
         if name not in new_inputs:
             reasons.append(Reason.input_gone(name))
     if old.get("version") != components.get("version"):
         reasons.append(Reason.version_changed(old.get("version"), components.get("version")))
-    old_libs, new_libs = old.get("libraries") or {}, components.get("libraries") or {}
+    old_libs, new_libs = _dict(old.get("libraries")), components.get("libraries") or {}
     for lib in sorted(set(old_libs) | set(new_libs)):
         if old_libs.get(lib) != new_libs.get(lib):
             reasons.append(Reason.library_changed(lib, old_libs.get(lib), new_libs.get(lib)))
@@ -238,6 +241,10 @@ def why(
     if old.get("kind") != components.get("kind"):
         reasons.append(Reason.kind_changed(str(old.get("kind")), str(components.get("kind"))))
     return reasons or [Reason.note("fingerprint changed")]
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 class _Tee:
@@ -381,6 +388,8 @@ class StepRun:
         self.meta: dict | None = None  # step.json of the result loaded
         self.cell_info: Any = None  # the cell analysis (cell steps), for notes on what it cannot analyse
         self.damaged: list[Reason] = []  # saved results with this fingerprint found damaged and set aside
+        self.load_from: Path | None = None  # a backup loaded where it is (a read-only output folder)
+        self.committed = False  # the new result is in place (an interrupt after this loses nothing)
         # Where this step's folder and its backups live: the output folder, or for a nested
         # step the folder its parent is writing (so nested backups travel with the parent).
         if self.parent is None:
@@ -439,6 +448,7 @@ class StepRun:
             with self.out.lock(lock_name, on_wait=waiting):
                 lease = self._remote_lease()
                 status.state = RUNNING
+                self._refuse_name_clash()
                 if self.parent is None:
                     self.out.clean_temps(self.final)
                 values = self._decide_and_go(components, fp, started)
@@ -452,6 +462,32 @@ class StepRun:
             status.duration = time.perf_counter() - started
             status.changed()
 
+    def _refuse_name_clash(self) -> None:
+        """Two names that map to one folder (``My Step`` and ``my-step``, or a step and a trainer
+        of one name) never share it: the folder's metadata records the name that wrote it.
+
+        Folders written before names were recorded (no ``name``) keep working; ``--force``
+        lets this name take the folder over (the other result goes to ``_backups``).
+        """
+        if self.spec.force:
+            return
+        for meta_file, kind in ((STEP_FILE, "step"), ("trainer.json", "trainer"), (".in-progress.json", "trainer")):
+            recorded = read_json(self.final / meta_file)
+            if recorded is None:
+                continue
+            name = recorded.get("name")
+            if (isinstance(name, str) and name != self.spec.name) or kind != self.spec.kind:
+                other = f"the {kind} {name!r}" if isinstance(name, str) else f"a {kind}"
+                message = (
+                    f"the {self.spec.kind} {self.spec.name!r} and {other} map to the same folder "
+                    f"{self.folder_name!r} (names are lower-cased and spaces become '-'), which holds the "
+                    f"result of {other}: give this {self.spec.kind} another name, or, if it is the same one "
+                    "renamed, run it once with --force (the old result goes to _backups)"
+                )
+                self.status.state, self.status.error = FAILED, message
+                raise DreamerError(message)
+            return
+
     def _decide_and_go(self, components: dict, fp: str, started: float) -> dict[str, Any]:
         __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status, spec = self.status, self.spec
@@ -463,11 +499,11 @@ class StepRun:
         if not spec.force:
             for state, found in self._candidates(current, fp, changed):
                 try:
-                    return self._load(self.final, found, state, started)
+                    return self._load(self.load_from or self.final, found, state, started)
                 except PickleRefusedError:
                     raise
                 except DamagedResultError as e:  # never a hit, never a backup under its fingerprint
-                    self._set_aside(self.home, self.final, self.key, e)
+                    self._set_aside(self.home, self.load_from or self.final, self.key, e, backup=self.load_from is not None)
                 except StorageError as e:
                     problem = f"the saved result could not be loaded ({e}); running again"
                     meta = None
@@ -494,9 +530,17 @@ class StepRun:
             yield LOADED, current
         found = self.home.find_backup(self.key, fp, self.meta_file)
         if found is not None and self._dependencies_hold(found[1], changed) and self._intact(found[0], found[1]):
-            restored = self.home.restore(self.key, fp, self.meta_file)
+            try:
+                restored = self.home.restore(self.key, fp, self.meta_file)
+            except OSError as e:  # a read-only output folder: load the backup where it is
+                if e.errno not in WRITE_REFUSED or not found[0].is_dir():
+                    raise
+                self.load_from = found[0]
+                restored = found[1]
+                self.status.notes.append("the output folder is read-only: loaded the backup where it is")
             if restored is not None:
                 yield RESTORED, restored
+                self.load_from = None
         if self.parent is not None:
             carried = self._carry_over(fp)
             if carried is not None and self._dependencies_hold(carried, changed):
@@ -730,7 +774,13 @@ class StepRun:
     def _run_and_save(self, components: dict, fp: str, started: float) -> dict[str, Any]:
         __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status, spec = self.status, self.spec
-        self.tmp = self.out.new_temp(self.final)
+        try:
+            with saving_into(self.out.root, f"{spec.kind} {spec.name!r}"):
+                self.tmp = self.out.new_temp(self.final)
+        except DreamerError as e:
+            status.state = FAILED
+            status.error = str(e)
+            raise
         records: list = []
         try:
             status.changed()
@@ -746,7 +796,11 @@ class StepRun:
         except KeyboardInterrupt:
             self._discard()
             status.state = INTERRUPTED
-            status.error = "interrupted: nothing was saved; the previous result is untouched"
+            status.error = (
+                "interrupted after the result was saved: it is kept and loads on the next run"
+                if self.committed
+                else INTERRUPTED_NOTHING_SAVED
+            )
             raise
         except BaseException as e:
             self._discard()
@@ -864,8 +918,10 @@ class StepRun:
         meta = self.metadata(components, fp, entries, duration)
         meta[RECORD] = files
         final = self.final
-        moved = self.home.commit(self.tmp, final, self.key, self.meta_file, meta)
-        self.tmp = None
+        with interrupts_deferred():  # a commit is never cut in half by Ctrl-C
+            moved = self.home.commit(self.tmp, final, self.key, self.meta_file, meta)
+            self.tmp = None
+            self.committed = True
         if moved and self.parent is None:
             self.status.notes.append(f"previous result kept in {moved}")
         self._note_outputs(final, entries)
@@ -1080,7 +1136,7 @@ def cell_spec(
     """
     import types
 
-    info = analyze(source, transform=transform)
+    info = analyze(source, transform=transform, first_line=2)  # the body starts under its %%dreamer_ line
     if inputs is None:
         input_names = [n for n in info.reads if n in namespace and n not in exclude and not n.startswith("__")]
     else:

@@ -92,7 +92,7 @@ from .checkpoints import (
 )
 from .errors import DreamerError, StorageError
 from .fingerprint import fingerprint, json_safe, model_fingerprint
-from .folders import OutputFolder, fsync_tree, now_iso, read_json, read_meta, write_json_atomic
+from .folders import OutputFolder, fsync_tree, now_iso, read_json, read_meta, saving_into, write_json_atomic
 from .integrity import RECORD, record_files
 from .hf_trainer import is_trainer as _is_hf_trainer, patched_trainer
 from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, Status, resumed_from
@@ -340,7 +340,8 @@ class TrainerRun(StepRun):
                 records.append(read_json(child / TRAINER_FILE) or read_json(child / IN_PROGRESS))
         pairs: dict[str, str] = {}
         for record in records:
-            for pair in ((record or {}).get("trained") or {}).values():
+            trained = (record or {}).get("trained")
+            for pair in (trained.values() if isinstance(trained, dict) else ()):  # a hand-edited record: ignored
                 if isinstance(pair, dict) and isinstance(pair.get("after"), str) and isinstance(pair.get("before"), str):
                     pairs.setdefault(pair["after"], pair["before"])
         return pairs
@@ -414,8 +415,14 @@ class TrainerRun(StepRun):
         __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status, spec = self.status, self.spec
         if self.main:
-            self._pull_checkpoint_from_remote(fp)
-            self._prepare_folder(components, fp)
+            try:
+                with saving_into(self.out.root, f"trainer {spec.name!r}"):
+                    self._pull_checkpoint_from_remote(fp)
+                    self._prepare_folder(components, fp)
+            except DreamerError as e:
+                status.state = FAILED
+                status.error = str(e)
+                raise
         self._note_outside_seed()
         self.live.begin(0, None)
         records: list = []
@@ -505,7 +512,7 @@ class TrainerRun(StepRun):
                 "components": components,
                 "source": spec.source,
                 "started": previous.get("started") if self._resumed else now_iso(),
-                "attempts": int(previous.get("attempts") or 0) + 1 if self._resumed else 1,
+                "attempts": _whole(previous.get("attempts")) + 1 if self._resumed else 1,
                 "pid": os.getpid(),
                 "trained": previous.get("trained") or {} if self._resumed else {},
             },
@@ -590,7 +597,7 @@ class TrainerRun(StepRun):
             return "this process saves nothing"
         if self.final.exists() and list_checkpoints(self.final / CHECKPOINTS, validate=False):
             return "the checkpoints are kept: run the cell again to resume"
-        return "nothing was saved"
+        return "nothing saved, the previous result is kept"
 
     def _after_failure(self) -> None:
         """Keep checkpoints for resuming; with none, put the previous folder back as it was."""
@@ -724,7 +731,9 @@ class TrainerRun(StepRun):
         meta_extra = self._write_model_metadata(model_dir)
         write_replay(folder, records)
         self._write_rng(folder)
-        fsync_tree(model_dir)
+        for written in (MODEL, "_outputs", "_dataset", REPLAY_FILE, steps.RNG_FILE):  # data first, then trainer.json
+            if (folder / written).exists():
+                fsync_tree(folder / written)
         trained = self._trained_inputs()
         marker = read_json(self.marker) or {}
         status = self.status
@@ -788,6 +797,11 @@ class TrainerRun(StepRun):
             write_json_atomic(model_dir / "metrics.json", json_safe(metrics))
             extra["metrics"] = json_safe(metrics)
         return extra
+
+
+def _whole(value: Any) -> int:
+    """A count read back from a marker a person may have edited (anything else counts as 0)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _variables(values: dict[str, Any]) -> dict[str, Any]:

@@ -216,6 +216,37 @@ def test_500_a_dropped_connection_and_a_slow_answer_are_retried(server, output):
     assert server.requests == 4
 
 
+def test_proxies_and_netrc_come_from_the_environment(server, output, monkeypatch, tmp_path):
+    """Looked up once per call (not per request, as aiohttp's trust_env does), with the same rules."""
+    import base64
+    import socket
+
+    from dreamer_magic import OpenAILLM
+
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login ann password secret\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    make(server).generate("a", max_new_tokens=2, temperature=0, progress=False)
+    assert server.headers[-1]["authorization"] == "Basic " + base64.b64encode(b"ann:secret").decode()
+    make(server, api_key="sk-test").generate("b", max_new_tokens=2, temperature=0, progress=False)
+    assert server.headers[-1]["authorization"] == "Bearer sk-test", "an api key wins over .netrc"
+
+    with socket.socket() as s:  # an address nothing listens on: only the proxy can answer
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")
+    OpenAILLM("tiny-gpt2", base_url=closed, concurrency=2).generate(
+        ["c", "d"], max_new_tokens=2, temperature=0, progress=False)
+    assert server.requests == 4, "both went through the proxy from HTTP_PROXY"
+    assert server.headers[-1]["proxy-authorization"] == "Basic " + base64.b64encode(b"ann:secret").decode()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with pytest.raises(DreamerError, match="connection problem"):
+        OpenAILLM("tiny-gpt2", base_url=closed, max_retries=0).generate("e", max_new_tokens=2, progress=False)
+    assert server.requests == 4, "NO_PROXY: sent straight to the closed address"
+
+
 def test_retries_run_out_with_a_clear_error(server, output):
     llm = make(server, max_retries=1)
     server.inject("500", "500")
@@ -236,6 +267,130 @@ def test_a_4xx_raises_at_once_and_keeps_the_finished_answers(server, output):
     server.inject("401")
     with pytest.raises(DreamerError, match="401.*OPENAI_API_KEY"):
         llm.generate(["p6"], max_new_tokens=3, temperature=0, progress=False)
+
+
+def test_an_interrupt_keeps_the_answers_that_came_back_and_is_not_a_timeout(server, output):
+    import _thread
+    import threading
+    import time
+
+    llm = make(server, concurrency=1, timeout=30)
+    server.inject("ok", "slow", delay=4.0)
+
+    def interrupt_once_the_slow_one_is_in_flight() -> None:
+        deadline = time.monotonic() + 60
+        while server.requests < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_the_slow_one_is_in_flight, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["i1", "i2", "i3"], max_new_tokens=3, temperature=0, progress=False)
+    assert llm.retries == [], "the cancelled request is not retried as a timeout"
+    assert llm.database.count() == 1, "the answer that came back is committed"
+    llm.generate(["i1", "i2", "i3"], max_new_tokens=3, temperature=0, progress=False)
+    assert server.requests == 2 + 2, "the re-run asks only for the two left"
+
+
+class _CountingServer:
+    """A minimal keep-alive server in a thread that answers every request at once and counts connections."""
+
+    ANSWER = json.dumps({"model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                                     "finish_reason": "stop"}]}).encode()
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self.connections = self.lost = 0
+        self.transports: list = []
+        ready = threading.Event()
+        outer = self
+
+        class Protocol(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                outer.connections += 1
+                outer.transports.append(transport)
+                self.transport, self.buffer = transport, b""
+
+            def connection_lost(self, exc) -> None:
+                outer.lost += 1
+
+            def data_received(self, data: bytes) -> None:
+                self.buffer += data
+                while b"\r\n\r\n" in self.buffer:
+                    head, rest = self.buffer.split(b"\r\n\r\n", 1)
+                    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n")
+                                      if line.startswith(b"content-length:")))
+                    if len(rest) < length:
+                        return
+                    self.buffer = rest[length:]
+                    self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                         b"content-length: %d\r\n\r\n%s" % (len(outer.ANSWER), outer.ANSWER))
+
+        def run() -> None:
+            self.loop = asyncio.new_event_loop()
+            server = self.loop.run_until_complete(self.loop.create_server(Protocol, "127.0.0.1", 0))
+            self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+            ready.set()
+            self.loop.run_forever()
+            for transport in self.transports:
+                transport.close()
+            server.close()
+            self.loop.run_until_complete(server.wait_closed())
+            self.loop.close()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_connections_stay_open_between_calls_and_a_forked_child_opens_its_own(output):
+    import time
+
+    from dreamer_magic import OpenAILLM
+
+    counting = _CountingServer()
+    try:
+        llm = OpenAILLM("m", base_url=counting.url, output_folder=output)
+        for i in range(5):
+            assert llm.generate(f"call {i}", progress=False) == "ok"
+        assert counting.connections == 1, "one connection for five one-prompt calls"
+        llm.generate([f"batch {i}" for i in range(40)], progress=False)
+        assert counting.connections <= llm.concurrency
+        opened = counting.connections
+        pid = os.fork()
+        if pid == 0:  # the child: its own connections, never the parent's
+            code = 1
+            try:
+                code = 0 if llm.generate("in the child", progress=False) == "ok" else 2
+            finally:
+                os._exit(code)
+        deadline, done = time.monotonic() + 60, (0, 0)
+        while done == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            done = os.waitpid(pid, os.WNOHANG)
+        if done == (0, 0):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the child's call worked"
+        assert counting.connections == opened + 1
+        assert llm.generate("parent again", progress=False) == "ok"
+        assert counting.connections == opened + 1, "the parent still uses its own"
+        other = OpenAILLM("m", base_url=counting.url, output_folder=output, concurrency=2)
+        other.generate("another backend", progress=False)
+        assert counting.connections == opened + 2, "another backend: another session"
+        del llm, other  # their sessions close with them
+        deadline = time.monotonic() + 10
+        while counting.lost < counting.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert counting.lost == counting.connections
+    finally:
+        counting.close()
 
 
 def test_cache_only_names_how_many_are_missing(server, output):

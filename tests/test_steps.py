@@ -127,7 +127,7 @@ def test_failure_writes_nothing_and_keeps_the_previous_result(ip, tmp_path):
 
 def test_keyboard_interrupt_writes_nothing(ip, tmp_path):
     ip.user_ns["raw"] = make_raw()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(UsageError, match="^interrupted: nothing saved, the previous result is kept$"):
         ip.run_cell_magic("dreamer_step", "interrupted", "x = 1\nraise KeyboardInterrupt\n")
     assert not (tmp_path / "output" / "interrupted").exists()
     assert status_of(ip).state == "interrupted"

@@ -41,9 +41,11 @@ Samples and seeds
     so that a server honouring seeds returns different samples, and the same ones again.
 
 Running the misses
-    Requests run concurrently (``concurrency=`` per backend) on an event loop in a helper
-    thread; the calling thread commits every finished response as it arrives (many in one
-    transaction when they arrive together), so an interrupt loses only the requests in flight.
+    Requests run concurrently (``concurrency=`` per backend) on one event loop per process, in
+    a helper thread (:func:`shared_loop`: a backend's connections stay open between calls);
+    the calling thread commits every finished response as it arrives (many in one transaction
+    when they arrive together, at most ``COMMIT_EVERY_S`` later), so an interrupt loses only
+    the requests in flight.
     429s, 5xx answers, timeouts and dropped connections are retried with exponential backoff
     and jitter, waiting what ``Retry-After`` asks for when the server sends it; other 4xx
     answers raise :class:`BackendError` at once, after committing what had finished.
@@ -54,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import queue
 import random
 import threading
@@ -68,6 +71,8 @@ from ..errors import CacheMissError, DreamerError
 __all__ = ["Backend", "BackendError", "Job", "Retry", "RetryableError", "answer", "missing_extra", "openai_rows"]
 
 COMMIT_EVERY_S = 0.02  # finished answers wait at most this long for their commit
+# made once: json.dumps(..., separators=...) builds a new encoder for every answer
+_META_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 # request fields that generate() sets itself
 _RESERVED = {
@@ -118,6 +123,10 @@ class Job:
     keys: list[str]
     samples: list[int]
     attempts: int = 0
+    # ``body``'s JSON is ``around[0] + <text as a JSON string> + around[1]``: the parts every
+    # prompt of a call shares (parameters, tools, the system prompt) are encoded once
+    around: tuple[str, str] | None = None
+    text: str = ""
 
     def request_body(self) -> dict:
         """The body to send: ``n`` for several samples, the seed moved on by the first sample index."""
@@ -128,8 +137,14 @@ class Job:
             body["seed"] = body["seed"] + self.samples[0]
         return body
 
+    def request_json(self) -> str:
+        """:meth:`request_body` as JSON text; only the prompt's text is encoded when the call shares the rest."""
+        if self.around is not None and len(self.keys) == 1 and not self.samples[0]:
+            return f"{self.around[0]}{json_str(self.text)}{self.around[1]}"
+        return json.dumps(self.request_body(), ensure_ascii=False, separators=(",", ":"))
+
     def rest(self, done: int) -> "Job":
-        return Job(self.body, self.keys[done:], self.samples[done:], self.attempts + 1)
+        return Job(self.body, self.keys[done:], self.samples[done:], self.attempts + 1, self.around, self.text)
 
 
 def answer(text: Any, finish_reason: Any, model: Any, system_fingerprint: Any, usage: Any,
@@ -153,7 +168,7 @@ def answer(text: Any, finish_reason: Any, model: Any, system_fingerprint: Any, u
     usage = usage if isinstance(usage, dict) else {}
     prompt = float(usage.get("prompt_tokens") or 0) / share
     completion = float(usage.get("completion_tokens") or 0) / share
-    return json_str(text), json.dumps(meta, ensure_ascii=False, separators=(",", ":")), prompt, completion
+    return json_str(text), _META_JSON.encode(meta), prompt, completion
 
 
 def openai_rows(data: Any, chat: bool) -> list[tuple]:
@@ -346,6 +361,7 @@ class Backend:
             tails = [f',"sample":{s}}}' for s in range(n)]
             texts = items
             bodies_of = lambda i: {**params, "prompt": items[i]}  # noqa: E731
+            around = (params_json[:-1] + ("," if params else "") + '"prompt":', "}")
             per_sample = [_keys(head, items, t) for t in tails]
             request_of = lambda i, s: f"{head}{json_str(items[i])}{tails[s]}"  # noqa: E731
         else:
@@ -362,8 +378,11 @@ class Backend:
                 if conversations is None else (lambda i: {**params, "messages": conversations[i]})
             )
             start = f'{{"backend":{backend},"messages":'
+            around = None
             if conversations is None:  # the hot path: one head for every prompt
                 head = start + heads[0] + '{"content":'
+                around = (params_json[:-1] + ("," if params else "") + '"messages":' + heads[0]
+                          + '{"content":', ',"role":"user"}]}')
                 mid = ',"role":"user"}]'
                 per_sample = [_keys(head, items, mid + t) for t in tails]
                 request_of = lambda i, s: f"{head}{json_str(items[i])}{mid}{tails[s]}"  # noqa: E731
@@ -405,7 +424,8 @@ class Backend:
                     continue
                 for k, s in fresh:
                     requests_json[k] = request_of(i, s)
-                jobs.append(Job(bodies_of(i), [k for k, _ in fresh], [s for _, s in fresh]))
+                jobs.append(Job(bodies_of(i), [k for k, _ in fresh], [s for _, s in fresh], 0, around,
+                                texts[i] if around else ""))
             found.update(self._run_jobs(jobs, database, requests_json, progress))
         if n == 1:
             answers: list = list(map(found.__getitem__, per_sample[0]))
@@ -493,52 +513,93 @@ class Backend:
             return error
 
         runner.start()
+        taken: list = []  # answers taken from the runner, not committed yet (an interrupt commits them)
         try:
             while len(found) < total:
                 try:
-                    items = [runner.results.get(timeout=0.2)]
+                    taken.append(runner.results.get(timeout=0.2))
                 except queue.Empty:
-                    if not runner.alive():
-                        items = runner.drain()
-                        error = commit(items)
-                        if error is not None:
-                            raise error
-                        if len(found) < total:
-                            raise BackendError("the request runner stopped before every answer came back")
+                    if runner.alive():
+                        continue
+                    taken += runner.drain()
+                    error, taken = commit(taken), []
+                    if error is not None:
+                        raise error
+                    if len(found) < total:
+                        raise BackendError("the request runner stopped before every answer came back")
                     continue
                 # let answers that arrive together share one transaction (and one wake-up of
-                # this thread): at most COMMIT_EVERY_S seconds after the first of them
-                time.sleep(COMMIT_EVERY_S)
-                items += runner.drain()
-                error = commit(items)
+                # this thread): at most COMMIT_EVERY_S seconds after the first of them, unless
+                # they are the last ones (a call of one prompt commits at once)
+                if len(found) + sum(len(i[1]) for i in taken if i[0] == "rows") < total:
+                    time.sleep(COMMIT_EVERY_S)
+                taken += runner.drain()
+                error, taken = commit(taken), []
                 if error is not None:
                     raise error
         finally:
             runner.stop()
-            commit([i for i in runner.drain() if i[0] != "error"])
+            commit([i for i in taken + runner.drain() if i[0] != "error"])
             bar.close()
         return found
 
 
+_LOOP: tuple[int, asyncio.AbstractEventLoop, threading.Thread] | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def shared_loop() -> asyncio.AbstractEventLoop:
+    """This process's event loop for backend requests, running in a daemon thread.
+
+    One for every call and every backend, so that a backend can keep its connections open
+    from one ``generate`` call to the next (a loop per call closed them every time). Started
+    on first use, and again in a forked child (the parent's thread does not exist there).
+    """
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None or _LOOP[0] != os.getpid() or not _LOOP[2].is_alive():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="dreamer-backend", daemon=True)
+            thread.start()
+            _LOOP = (os.getpid(), loop, thread)
+        return _LOOP[1]
+
+
+def _after_fork_in_child() -> None:
+    global _LOOP_LOCK
+    _LOOP_LOCK = threading.Lock()  # it may have been held by another thread at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Runner:
-    """The event loop (in a helper thread) that runs jobs on every member backend's workers."""
+    """One call's jobs, run on every member backend's workers on the :func:`shared_loop`."""
 
     def __init__(self, members: list[Backend], jobs: list[Job]) -> None:
         self.members = members
         self.jobs = jobs
-        self.results: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self.results: queue.SimpleQueue = queue.SimpleQueue()  # C: cheaper than queue.Queue per answer
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
-        self._started = threading.Event()
+        self._done = threading.Event()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="dreamer-backend", daemon=True)
-        self._thread.start()
-        self._started.wait()
+        self._loop = shared_loop()
+        if asyncio._get_running_loop() is self._loop:  # it would wait on itself forever
+            raise DreamerError("generate() cannot be called from the backends' own event loop thread")
+        started = threading.Event()
+
+        def begin() -> None:
+            self._task = self._loop.create_task(self._run())
+            started.set()
+
+        self._loop.call_soon_threadsafe(begin)
+        started.wait()
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._task is not None and not self._done.is_set()
 
     def drain(self) -> list:
         out = []
@@ -549,28 +610,23 @@ class _Runner:
                 return out
 
     def stop(self) -> None:
-        if self._loop is not None and self._task is not None and self.alive():
+        """Cancel what is still running and wait until it has stopped."""
+        if self._loop is not None and self._task is not None and not self._done.is_set():
             try:
                 self._loop.call_soon_threadsafe(self._task.cancel)
-            except RuntimeError:  # the loop already closed
-                pass
-        if self._thread is not None:
-            self._thread.join()
+            except RuntimeError:  # the loop is closed (the interpreter is exiting)
+                return
+            self._done.wait()
 
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
+    async def _run(self) -> None:
         try:
-            self._task = loop.create_task(self._main())
-            self._started.set()
-            loop.run_until_complete(self._task)
+            await self._main()
         except asyncio.CancelledError:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the calling thread
             self.results.put(("error", e))
         finally:
-            self._started.set()
-            loop.close()
+            self._done.set()
 
     async def _main(self) -> None:
         pending = asyncio.Queue()
@@ -584,7 +640,7 @@ class _Runner:
             workers = []
             for member in self.members:
                 call = await stack.enter_async_context(member._session())
-                for _ in range(member.concurrency):
+                for _ in range(min(member.concurrency, len(self.jobs))):  # no idle workers
                     workers.append(asyncio.ensure_future(self._worker(member, call, pending, finished)))
             try:
                 await finished.wait()
