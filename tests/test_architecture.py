@@ -34,6 +34,7 @@ ORDER = [
     "checkpointer",
     "hf_trainer",
     "trainers",
+    "distributed",
     "widgets",
     "frontend",
     "magics",
