@@ -15,7 +15,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Unicode, observe
+from traitlets import Bool, CaselessStrEnum, Unicode, observe
 
 from . import steps
 from .errors import DreamerError
@@ -51,6 +51,14 @@ class DreamerMagics(Magics):
     ).tag(config=True)
     allow_pickle = Bool(
         True, help="Load outputs that were saved with pickle. Set False to refuse pickles from folders you do not trust."
+    ).tag(config=True)
+    verify = CaselessStrEnum(
+        ["digest", "size"],
+        default_value="digest",
+        help="What a hit checks of the files a step wrote before loading them: 'digest' (sizes and xxh3 content "
+        "digests at memory speed; a file this kernel already hashed, with the same inode, size, mtime and ctime, "
+        "is not hashed again) or 'size' (sizes only: faster on huge outputs, blind to a changed byte of the same "
+        "size). A mismatch is a miss that sets the damaged folder aside.",
     ).tag(config=True)
     replay = Bool(True, help="Replay a step's recorded output (prints, plots, HTML) when it is loaded from disk.").tag(config=True)
     remote = Unicode(
@@ -177,6 +185,7 @@ class DreamerMagics(Magics):
             force=args.force,
             replay=self.replay and not args.no_replay,
             allow_pickle=self.allow_pickle,
+            verify=self.verify.lower(),
             exclude=self._hidden_names(),
             files=[f.strip() for f in (args.files or "").split(",") if f.strip()],
         )
