@@ -36,6 +36,7 @@ from .fingerprint import (
     combine,
     distribution_version,
     fingerprint,
+    function_parts,
     is_user_module,
     normalise_source,
     package_version,
@@ -159,9 +160,7 @@ def input_previews(inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, value in inputs.items():
         try:
             if inspect.isfunction(value):
-                source = _function_source(value)
-                if not source.startswith("<function"):
-                    out[name] = {"source": source[:4000], "line": value.__code__.co_firstlineno}
+                out[name] = _function_preview(value)
                 continue
             preview = value_preview(value)
         except Exception:  # noqa: BLE001 - a preview is a courtesy, never a failure
@@ -171,11 +170,58 @@ def input_previews(inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _function_preview(fn: Callable) -> dict[str, Any]:
+    """A function input's preview: its name, its source (a notebook function) and the digests of
+    its parts (:func:`~dreamer_magic.fingerprint.function_parts`), for a why-line that names it
+    and says what changed."""
+    preview: dict[str, Any] = {"name": getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "?")}
+    source = _function_source(fn)
+    if not source.startswith("<function"):
+        preview.update(source=source[:4000], line=fn.__code__.co_firstlineno)
+    try:
+        preview["parts"] = function_parts(fn)
+    except Exception:  # noqa: BLE001 - a preview is a courtesy, never a failure
+        pass
+    return preview
+
+
+def _part_changes(old: dict, new: dict) -> list[str]:
+    """What changed among a function's parts, in words (its code is told by changed lines)."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key) or key == "code":
+            continue
+        kind, _, what = key.partition(":")
+        if kind == "global":
+            state = "is new" if key not in old else "is gone" if key not in new else "changed"
+            lines.append(f"the global `{what}` it uses {state}")
+        elif kind == "import":
+            before, after = old.get(key), new.get(key)
+            if before and after and not before.startswith("source") and not after.startswith("source"):
+                lines.append(f"the module `{what}` it imports: `{before}` → `{after}`")
+            else:
+                lines.append(f"the module `{what}` it imports changed")
+        elif kind == "defaults":
+            lines.append("its default arguments changed")
+        elif kind == "closure":
+            lines.append("a value it closes over changed")
+    if old.get("code") != new.get("code") and old.get("code") and new.get("code") and not lines:
+        lines.append("its code changed")
+    return lines
+
+
 def _input_reason(name: str, old: dict, new: dict) -> Reason:
-    """``input `n` changed: `3` → `4```, or a changed function with the lines that changed."""
-    if "source" in old and "source" in new:
-        changes = line_changes(old["source"], new["source"], first_line=int(new.get("line") or 1))
-        return Reason("function {subject} changed", "input", subject=name, lines=(Reason.code_line(*c) for c in changes))
+    """``input `n` changed: `3` → `4```, or a changed function (named as the user named it: the
+    decorated function of a ``@step``) with the lines or the parts that changed."""
+    if "name" in new or ("source" in old and "source" in new):
+        subject = str(new.get("name") or name) if name == "function" else name
+        lines: list = []
+        if "source" in old and "source" in new:
+            changes = line_changes(old["source"], new["source"], first_line=int(new.get("line") or 1))
+            lines = [Reason.code_line(*c) for c in changes]
+        if not lines:
+            lines = _part_changes(old.get("parts") or {}, new.get("parts") or {})
+        return Reason("function {subject} changed", "input", subject=subject, lines=lines)
     before, after = old.get("value"), new.get("value")
     if before is not None and after is not None and before != after:
         return Reason.input_changed(name, before, after)
