@@ -185,6 +185,26 @@ def is_meta(rel: str) -> bool:
     return parts[-1] in META_FILES and not any(p.startswith("_") for p in parts[:-1])
 
 
+def inside(rel: Any) -> bool:
+    """Whether ``rel`` (a path a remote listing, marker or metadata file names) stays inside its
+    folder: relative, no ``..``, no empty part, no backslash. Someone else's bucket decides these
+    names, and a pull must never write (or read) outside the folder it is pulling.
+
+    Examples
+    --------
+    >>> inside("_dataset/data-00000.arrow"), inside("_outputs/../../x"), inside("/etc/passwd")
+    (True, False, False)
+    """
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel or rel.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+def _outside(names: Iterable[Any]) -> str | None:
+    """The first of ``names`` that points outside its folder, or ``None``."""
+    return next((str(n) for n in names if not inside(n)), None)
+
+
 def verify(folder: Path, meta: dict, sizes: dict[str, int] | None = None) -> str | None:
     """Check a pulled folder against what its metadata recorded; ``None`` when it is whole.
 
@@ -192,11 +212,17 @@ def verify(folder: Path, meta: dict, sizes: dict[str, int] | None = None) -> str
     one, else each output's ``digest`` of its files; ``sizes`` (the remote listing) are checked
     against the files on disk either way.
     """
+    record = meta.get("files")
+    named = [*(sizes or {}), *(record if isinstance(record, dict) else [])]
+    named += [i.get("path") for i in (record if isinstance(record, list) else []) if isinstance(i, dict) and "path" in i]
+    named += [e.get("path") for e in (meta.get("outputs") or {}).values() if isinstance(e, dict) and e.get("path")]
+    bad = _outside(named)
+    if bad is not None:
+        return f"it names a file outside its folder ({bad!r})"
     for rel, size in (sizes or {}).items():
         path = folder / rel
         if not path.is_file() or path.stat().st_size != size:
             return f"{rel} is not the size the remote listed"
-    record = meta.get("files")
     if isinstance(record, dict):
         record = [{"path": k, **(v if isinstance(v, dict) else {})} for k, v in record.items()]
     if isinstance(record, list) and record:
@@ -495,6 +521,9 @@ class Remote:
         if meta_file not in sizes:
             return "the remote copy is no longer committed"
         files = [f for f in sizes if f != meta_file]
+        bad = _outside(files)
+        if bad is not None:  # a literal S3 key `x/../../y`: never written beside the output folder
+            return f"the remote folder holds a file outside it ({bad!r})"
         if files:
             lpaths = [str(tmp / f) for f in files]
             for lp in lpaths:
@@ -633,6 +662,11 @@ class Remote:
         if record is None:
             return "no completion marker"
         files = record.get("files") or {}
+        if not isinstance(files, dict):
+            return "its completion marker is damaged"
+        bad = _outside(files)
+        if bad is not None:
+            return f"its completion marker names a file outside it ({bad!r})"
         final = local_trainer.joinpath(*rel_in_trainer.split("/"))
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
