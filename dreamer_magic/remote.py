@@ -905,13 +905,23 @@ class Lease:
         return json.dumps({"machine": self.remote.machine, "token": self.token, "expires": time.time() + self.ttl, "ttl": self.ttl}).encode()
 
     def _read(self) -> tuple[dict | None, str | None]:
+        """The lease in the bucket and its ETag, ``(None, None)`` when there is none. A lease that
+        is not one (garbage, a hand edit, ``expires`` not a number) counts as expiring one ttl
+        after it was last written: a waiting machine takes it over then, never waits forever."""
         path = self.remote.path(self.rel)
         try:
-            etag = retry(lambda: self.remote.fs.info(path)).get("ETag") if self._conditional else None
-            data = json.loads(retry(lambda: self.remote.fs.cat_file(path)))
-        except (FileNotFoundError, ValueError):
+            info = retry(lambda: self.remote.fs.info(path))
+            raw = retry(lambda: self.remote.fs.cat_file(path))
+        except FileNotFoundError:
             return None, None
-        return (data if isinstance(data, dict) else None), etag
+        etag = info.get("ETag") if self._conditional else None
+        try:
+            data = json.loads(raw)
+            if isinstance(data, dict) and isinstance(data.get("expires", 0), (int, float)) and not isinstance(data.get("expires"), bool):
+                return data, etag
+        except ValueError:
+            pass
+        return {"machine": "an unreadable lease", "expires": _modified(info) + self.ttl}, etag
 
     def _put(self, **kwargs: Any) -> None:
         out = retry(lambda: self.remote.fs.pipe_file(self.remote.path(self.rel), self._body(), **kwargs))
@@ -968,6 +978,17 @@ class Lease:
         if current is not None and current.get("token") == self.token:
             with contextlib.suppress(Exception):
                 self.remote.delete(self.rel)
+
+
+def _modified(info: dict) -> float:
+    """When an object was last written (epoch seconds) from an fsspec ``info()``; now if unknown."""
+    for key in ("LastModified", "mtime", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return time.time()
 
 
 # -- %dreamer status ----------------------------------------------------------------------------
