@@ -1,0 +1,110 @@
+"""A remote output folder that someone else wrote (or damaged): a pull never writes outside the
+local output folder nor reads outside the remote prefix, a lease with garbage content never
+hangs a cell, and a name clash arriving from the remote is refused like a local one."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from IPython.core.error import UsageError
+
+CELL = "import numpy as np\nvalues = np.arange(10)\n"
+
+
+@pytest.fixture
+def s3_ip(ip, bucket, monkeypatch):
+    from dreamer_magic import remote
+
+    url, fs, env = bucket
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    ip.run_line_magic("dreamer", f"remote {url}")
+    yield ip, url, fs
+    remote.set_remote(None)
+
+
+def test_a_remote_key_with_dotdot_is_never_written_outside_the_local_folder(s3_ip, tmp_path):
+    import dreamer_magic
+    from dreamer_magic.remote import get_remote
+
+    ip, url, fs = s3_ip
+    ip.run_cell_magic("dreamer_step", "numbers", CELL)
+    assert get_remote().flush(60)
+    prefix = url[len("s3://"):]
+    fs.pipe_file(f"{prefix}/numbers/_outputs/../../../escape.txt", b"planted")  # a literal S3 key
+
+    ip.run_line_magic("dreamer", f"output {tmp_path / 'fresh'}")
+    ip.run_cell_magic("dreamer_step", "numbers", CELL)
+    status = dreamer_magic.last_status()
+    assert not (tmp_path / "escape.txt").exists()
+    assert status.state == "ran", status
+    assert any("outside" in str(n) for n in status.notes), status.notes
+    assert list(ip.user_ns["values"]) == list(range(10))
+
+
+def test_a_checkpoint_marker_naming_files_outside_is_refused(tmp_path):
+    pytest.importorskip("fsspec")
+    from dreamer_magic import remote
+
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"secret")
+    bucket = tmp_path / "bucket"
+    folder = bucket / "t" / "_checkpoints" / "checkpoint-1"
+    folder.mkdir(parents=True)
+    (folder / "w.bin").write_bytes(b"ok")
+    rel = "../../../../secret.txt"  # from the checkpoint folder to tmp_path/secret.txt
+    record = {"files": {"w.bin": {"size": 2}, rel: {"size": 6}}, "fingerprint": "x"}
+    (folder / remote.CHECKPOINT_MARKER).write_text(json.dumps(record))
+    r = remote.Remote(f"file://{bucket}")
+    try:
+        local = tmp_path / "local" / "output" / "t"
+        problem = r.pull_checkpoint("t", "_checkpoints/checkpoint-1", local)
+    finally:
+        r.close()
+    assert problem is not None and "outside" in problem
+    assert not (tmp_path / "local" / "secret.txt").exists() and not (local / "_checkpoints").exists()
+
+
+def test_a_lease_with_garbage_content_is_taken_over_once_stale_and_never_raises(tmp_path):
+    pytest.importorskip("fsspec")
+    from dreamer_magic import remote
+
+    r = remote.Remote(f"file://{tmp_path / 'bucket'}")
+    try:
+        for garbage in (b"\x00not json", b"[1, 2]", json.dumps({"machine": "m", "expires": "soon"}).encode()):
+            lease = remote.Lease(r, "step-a", ttl=5)
+            path = tmp_path / "bucket" / lease.rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(garbage)
+            assert lease.try_acquire() is False  # written just now: perhaps a machine mid-write
+            old = time.time() - 60
+            os.utime(path, (old, old))
+            assert lease.try_acquire() is True, garbage  # older than a ttl: its machine is gone
+            assert json.loads(path.read_bytes())["token"] == lease.token
+            lease.release()
+            assert not path.exists()
+    finally:
+        r.close()
+
+
+def test_a_name_clash_arriving_from_the_remote_is_refused_like_a_local_one(ip, tmp_path):
+    pytest.importorskip("fsspec")
+    from dreamer_magic import remote
+
+    ip.run_line_magic("dreamer", f"remote file://{tmp_path / 'bucket'}")
+    try:
+        ip.run_cell_magic("dreamer_step", "My Step", CELL)
+        assert remote.get_remote().flush(60)
+        ip.run_line_magic("dreamer", f"output {tmp_path / 'fresh'}")
+        with pytest.raises(UsageError, match=r"the step 'my-step' and the step 'My Step' map to the same folder"):
+            ip.run_cell_magic("dreamer_step", "my-step", CELL)
+        assert not (tmp_path / "fresh" / "my-step").exists()
+        ip.run_cell_magic("dreamer_step", "My Step", CELL)  # its own name: a hit from the remote
+        import dreamer_magic
+
+        assert dreamer_magic.last_status().state == "loaded from remote"
+    finally:
+        remote.set_remote(None)
