@@ -801,9 +801,19 @@ def decode_rows(data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]] | No
         return None
     if not isinstance(header, dict) or header.get("segment") != 1 or not data.endswith(b"\n"):
         return None
-    for row in rows:
+    replaces = header.get("replaces", [])
+    if not isinstance(replaces, list) or not all(isinstance(n, str) for n in replaces):
+        return None
+    for row in rows:  # another machine's (or a hand's) bytes: a row that is not one spoils the segment
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+            return None
         if row.pop("binary", False):
-            row["response"] = bytes.fromhex(row["response"])
+            try:
+                row["response"] = bytes.fromhex(row["response"])
+            except (TypeError, ValueError):
+                return None
+        if not all(v is None or isinstance(v, (str, int, float, bytes)) for v in row.values()):
+            return None
     return header, rows
 
 

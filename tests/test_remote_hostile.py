@@ -108,3 +108,37 @@ def test_a_name_clash_arriving_from_the_remote_is_refused_like_a_local_one(ip, t
         assert dreamer_magic.last_status().state == "loaded from remote"
     finally:
         remote.set_remote(None)
+
+
+ASK = """
+from dreamer_magic import cached
+calls = []
+@cached("my-api")
+def ask(i):
+    calls.append(i)
+    return {"q": i, "a": i * i}
+answers = [ask(i) for i in range(3)]
+"""
+
+
+def test_a_damaged_cache_segment_in_the_remote_is_skipped_and_the_others_still_merge(ip, tmp_path):
+    pytest.importorskip("fsspec")
+    from dreamer_magic import remote
+
+    bucket = tmp_path / "bucket"
+    ip.run_line_magic("dreamer", f"remote file://{bucket}")
+    try:
+        assert ip.run_cell(ASK).success
+        assert remote.get_remote().flush(60) and ip.user_ns["calls"] == [0, 1, 2]
+        folder = bucket / ".cache" / "my-api.segments"
+        header = json.dumps({"segment": 1})
+        for i, bad in enumerate(["5", '{"key": {"k": 1}, "response": [1]}', '{"key": "k", "binary": true, "response": "zz"}']):
+            (folder / f"0000-bad-{i}.jsonl").write_text(f"{header}\n{bad}\n")  # sorts before the good ones
+        (folder / "0000-bad-replaces.jsonl").write_text(json.dumps({"segment": 1, "replaces": 5}) + "\n")
+        ip.run_line_magic("dreamer", f"output {tmp_path / 'fresh'}")
+        result = ip.run_cell(ASK)
+        assert result.success, result.error_in_exec
+        assert ip.user_ns["calls"] == [], ip.user_ns["calls"]  # every answer came from the good segments
+        assert ip.user_ns["answers"] == [{"q": i, "a": i * i} for i in range(3)]
+    finally:
+        remote.set_remote(None)
