@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import DreamerError
-from .folders import BACKUPS, file_digest, read_meta, tree_digest
+from .folders import BACKUPS, file_digest, meta_shape_problem, read_meta, tree_digest
 
 INSTALL_HINT = (
     "a remote output folder needs fsspec and the driver of its filesystem: "
@@ -212,6 +212,9 @@ def verify(folder: Path, meta: dict, sizes: dict[str, int] | None = None) -> str
     one, else each output's ``digest`` of its files; ``sizes`` (the remote listing) are checked
     against the files on disk either way.
     """
+    shape = meta_shape_problem(meta)
+    if shape is not None:  # what read_meta refuses locally is no hit from the remote either
+        return f"its metadata is damaged: {shape}"
     record = meta.get("files")
     named = [*(sizes or {}), *(record if isinstance(record, dict) else [])]
     named += [i.get("path") for i in (record if isinstance(record, list) else []) if isinstance(i, dict) and "path" in i]

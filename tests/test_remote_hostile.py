@@ -142,3 +142,26 @@ def test_a_damaged_cache_segment_in_the_remote_is_skipped_and_the_others_still_m
         assert ip.user_ns["answers"] == [{"q": i, "a": i * i} for i in range(3)]
     finally:
         remote.set_remote(None)
+
+
+@pytest.mark.parametrize("damage", [{"rebind": 5}, {"outputs": ["values"]}])
+def test_a_wrongly_shaped_remote_step_json_is_a_miss_saying_why(ip, tmp_path, damage):
+    pytest.importorskip("fsspec")
+    import dreamer_magic
+    from dreamer_magic import remote
+
+    bucket = tmp_path / "bucket"
+    ip.run_line_magic("dreamer", f"remote file://{bucket}")
+    try:
+        ip.run_cell_magic("dreamer_step", "numbers", CELL)
+        assert remote.get_remote().flush(60)
+        meta = json.loads((bucket / "numbers" / "step.json").read_text())
+        (bucket / "numbers" / "step.json").write_text(json.dumps({**meta, **damage}))
+        ip.run_line_magic("dreamer", f"output {tmp_path / 'fresh'}")
+        ip.run_cell_magic("dreamer_step", "numbers", CELL)
+        status = dreamer_magic.last_status()
+        assert status.state == "ran", status
+        key = next(iter(damage))
+        assert any("the remote copy was not used" in str(n) and f"`{key}`" in str(n) for n in status.notes), status.notes
+    finally:
+        remote.set_remote(None)
