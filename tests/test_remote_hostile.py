@@ -144,12 +144,21 @@ def test_a_damaged_cache_segment_in_the_remote_is_skipped_and_the_others_still_m
         remote.set_remote(None)
 
 
-@pytest.mark.parametrize("damage", [{"rebind": 5}, {"outputs": ["values"]}])
-def test_a_wrongly_shaped_remote_step_json_is_a_miss_saying_why(ip, tmp_path, damage):
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        ({"rebind": 5}, "`rebind`"),
+        ({"outputs": ["values"]}, "`outputs`"),
+        ({"outputs": {"values": {"path": "../../secret.txt", "type": "numpy.ndarray", "storage": "npy"}}}, "outside"),
+        ({"files": {"../../../secret.txt": {"size": 6}}}, "outside"),
+    ],
+)
+def test_a_wrongly_shaped_remote_step_json_is_a_miss_saying_why(ip, tmp_path, damage, said):
     pytest.importorskip("fsspec")
     import dreamer_magic
     from dreamer_magic import remote
 
+    (tmp_path / "secret.txt").write_text("secret")
     bucket = tmp_path / "bucket"
     ip.run_line_magic("dreamer", f"remote file://{bucket}")
     try:
@@ -161,7 +170,6 @@ def test_a_wrongly_shaped_remote_step_json_is_a_miss_saying_why(ip, tmp_path, da
         ip.run_cell_magic("dreamer_step", "numbers", CELL)
         status = dreamer_magic.last_status()
         assert status.state == "ran", status
-        key = next(iter(damage))
-        assert any("the remote copy was not used" in str(n) and f"`{key}`" in str(n) for n in status.notes), status.notes
+        assert any("the remote copy was not used" in str(n) and said in str(n) for n in status.notes), status.notes
     finally:
         remote.set_remote(None)
