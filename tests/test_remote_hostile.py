@@ -173,3 +173,21 @@ def test_a_wrongly_shaped_remote_step_json_is_a_miss_saying_why(ip, tmp_path, da
         assert any("the remote copy was not used" in str(n) and said in str(n) for n in status.notes), status.notes
     finally:
         remote.set_remote(None)
+
+
+def test_gc_with_an_unreachable_remote_says_so_in_one_line(ip, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("fsspec")
+    from dreamer_magic import remote
+
+    ip.run_line_magic("dreamer", f"remote file://{tmp_path / 'bucket'}")
+    try:
+        def down(*args, **kwargs):
+            raise ConnectionError("the network is down")
+
+        monkeypatch.setattr(remote.get_remote().fs, "find", down)
+        monkeypatch.setattr(remote.retry, "__defaults__", (1, 0.0))  # one attempt: no backoff waits
+        ip.run_line_magic("dreamer", "gc")  # the local gc is done; the remote's part says why not
+        out = capsys.readouterr().out
+        assert "remote: segments not compacted" in out and "the network is down" in out, out
+    finally:
+        remote.set_remote(None)
