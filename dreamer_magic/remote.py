@@ -652,7 +652,8 @@ class Remote:
         found = []
         for f in self.listing(trainer_rel):
             parts = f.split("/")
-            if parts[0] == "_checkpoints" and parts[-1] == CHECKPOINT_MARKER and re.fullmatch(r"checkpoint-\d+", parts[-2]):
+            shaped = len(parts) == 3 or (len(parts) == 4 and parts[1].startswith("trainer-"))  # as checkpoint_folders
+            if shaped and inside(f) and parts[0] == "_checkpoints" and parts[-1] == CHECKPOINT_MARKER and re.fullmatch(r"checkpoint-\d+", parts[-2]):
                 found.append("/".join(parts[:-1]))
         return sorted(found, key=lambda n: _checkpoint_number(Path(n)))
 

@@ -191,3 +191,19 @@ def test_gc_with_an_unreachable_remote_says_so_in_one_line(ip, tmp_path, capsys,
         assert "remote: segments not compacted" in out and "the network is down" in out, out
     finally:
         remote.set_remote(None)
+
+
+def test_a_checkpoint_key_leading_out_of_the_trainer_is_not_a_checkpoint(bucket, monkeypatch):
+    from dreamer_magic import remote
+
+    url, fs, env = bucket
+    prefix = url[len("s3://"):]
+    for key in ("t/_checkpoints/../../../x/checkpoint-9", "t/_checkpoints/trainer-0/checkpoint-3", "t/_checkpoints/checkpoint-2"):
+        fs.pipe_file(f"{prefix}/{key}/{remote.CHECKPOINT_MARKER}", b"{}")  # literal S3 keys
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = remote.Remote(url)
+    try:  # the newest is resumed from: checkpoint-9 would have been pulled outside the trainer folder
+        assert r.complete_checkpoints("t") == ["_checkpoints/checkpoint-2", "_checkpoints/trainer-0/checkpoint-3"]
+    finally:
+        r.close()
