@@ -432,8 +432,10 @@ class Remote:
         remote_meta = self.read_json(f"{rel}/{meta_file}")
         if remote_meta == meta or (only_if_absent and remote_meta is not None):
             return False  # there already, or another machine committed a newer version: not ours to replace
-        if remote_meta is not None and isinstance(remote_meta.get("fingerprint"), str):
+        if remote_meta is not None and isinstance(remote_meta.get("fingerprint"), str) and meta_shape_problem(remote_meta) is None:
             self.backup_remote(rel, meta_file, remote_meta)
+        elif meta_file in self.listing(rel):  # a damaged step.json: kept aside, as a local damaged folder is
+            self.backup_remote(rel, meta_file, remote_meta or {}, key=f"incomplete-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
         self.delete(f"{rel}/{meta_file}")  # the remote step is absent from here on...
         files = [f for f in commit_order(local_files(local)) if f != meta_file]
         self.upload(local, rel, files, task)
@@ -456,12 +458,13 @@ class Remote:
             task.files_done = task.files_total
         return True
 
-    def backup_remote(self, rel: str, meta_file: str, remote_meta: dict) -> None:
+    def backup_remote(self, rel: str, meta_file: str, remote_meta: dict, key: str | None = None) -> None:
         """Copy the remote folder in place to ``_backups/<name>/<its fingerprint>/`` (server side),
-        metadata last, unless a complete backup with that fingerprint is already there."""
-        key = remote_meta["fingerprint"]
+        metadata last, unless a complete backup with that fingerprint is already there (``key``:
+        another folder name, ``incomplete-<time>`` for a folder with damaged metadata)."""
+        key = key or remote_meta["fingerprint"]
         dest = f"{BACKUPS}/{rel}/{key}"
-        if self.read_json(f"{dest}/{meta_file}") == remote_meta:
+        if key == remote_meta.get("fingerprint") and self.read_json(f"{dest}/{meta_file}") == remote_meta:
             return
         self.delete(f"{dest}/{meta_file}")
         files = commit_order(self.listing(rel))

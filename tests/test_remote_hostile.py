@@ -207,3 +207,26 @@ def test_a_checkpoint_key_leading_out_of_the_trainer_is_not_a_checkpoint(bucket,
         assert r.complete_checkpoints("t") == ["_checkpoints/checkpoint-2", "_checkpoints/trainer-0/checkpoint-3"]
     finally:
         r.close()
+
+
+def test_a_push_over_a_damaged_remote_step_json_keeps_the_old_files_in_the_remote_backups(ip, tmp_path):
+    pytest.importorskip("fsspec")
+    from dreamer_magic import remote
+
+    bucket = tmp_path / "bucket"
+    ip.run_line_magic("dreamer", f"remote file://{bucket}")
+    try:
+        ip.run_cell_magic("dreamer_step", "numbers", CELL)
+        assert remote.get_remote().flush(60)
+        old = {p.relative_to(bucket / "numbers").as_posix(): p.read_bytes() for p in (bucket / "numbers").rglob("*") if p.is_file()}
+        (bucket / "numbers" / "step.json").write_text('{"fingerprint": "ab", "outp')  # truncated: damaged
+        ip.run_cell_magic("dreamer_step", "numbers", CELL.replace("10", "20"))
+        assert remote.get_remote().flush(60) and not remote.get_remote().errors
+        kept = list((bucket / "_backups" / "numbers").glob("incomplete-*"))
+        assert len(kept) == 1, list((bucket / "_backups").rglob("*"))  # as a local damaged folder is kept aside
+        for rel, data in old.items():
+            if rel != "step.json":
+                assert (kept[0] / rel).read_bytes() == data, rel
+        assert json.loads((bucket / "numbers" / "step.json").read_text())["fingerprint"] != "ab"
+    finally:
+        remote.set_remote(None)
