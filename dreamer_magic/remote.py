@@ -440,7 +440,7 @@ class Remote:
         files = [f for f in commit_order(local_files(local)) if f != meta_file]
         self.upload(local, rel, files, task)
         if meta_file == "trainer.json":  # a finished trainer's checkpoints are complete: mark them so
-            marked = set(self.complete_checkpoints(rel))
+            marked = set(self.complete_checkpoints(rel, meta["fingerprint"]))
             for folder in checkpoint_folders(local):
                 in_trainer = folder.relative_to(local).as_posix()
                 if in_trainer not in marked:
@@ -625,7 +625,7 @@ class Remote:
         with contextlib.suppress(FileNotFoundError):
             if self.read_json(f"{trainer_rel}/{marker_file}") != _read_local_json(local / marker_file):
                 self.write_bytes(f"{trainer_rel}/{marker_file}", (local / marker_file).read_bytes())
-        done = set(self.complete_checkpoints(trainer_rel))
+        done = set(self.complete_checkpoints(trainer_rel, fp))
         pushed = []
         for folder in sorted(checkpoint_folders(local), key=_checkpoint_number):
             rel_in_trainer = folder.relative_to(local).as_posix()
@@ -649,15 +649,19 @@ class Remote:
         }
         self.write_bytes(f"{rel}/{CHECKPOINT_MARKER}", json.dumps(record, indent=2).encode())
 
-    def complete_checkpoints(self, trainer_rel: str) -> list[str]:
+    def complete_checkpoints(self, trainer_rel: str, fingerprint: str | None = None) -> list[str]:
         """Checkpoints (``_checkpoints/checkpoint-N``, relative to the trainer folder) whose upload
-        finished, i.e. that hold ``upload_complete.json``; oldest first."""
+        finished, i.e. that hold ``upload_complete.json``; oldest first. With ``fingerprint``, only
+        those of that run: a push killed while it removed another run's checkpoints leaves some of
+        their markers behind, and those are neither resumed from nor taken for this run's."""
         found = []
         for f in self.listing(trainer_rel):
             parts = f.split("/")
             shaped = len(parts) == 3 or (len(parts) == 4 and parts[1].startswith("trainer-"))  # as checkpoint_folders
             if shaped and inside(f) and parts[0] == "_checkpoints" and parts[-1] == CHECKPOINT_MARKER and re.fullmatch(r"checkpoint-\d+", parts[-2]):
                 found.append("/".join(parts[:-1]))
+        if fingerprint is not None:
+            found = [n for n in found if (self.read_json(f"{trainer_rel}/{n}/{CHECKPOINT_MARKER}") or {}).get("fingerprint") == fingerprint]
         return sorted(found, key=lambda n: _checkpoint_number(Path(n)))
 
     def pull_checkpoint(self, trainer_rel: str, rel_in_trainer: str, local_trainer: Path) -> str | None:

@@ -230,3 +230,28 @@ def test_a_push_over_a_damaged_remote_step_json_keeps_the_old_files_in_the_remot
         assert json.loads((bucket / "numbers" / "step.json").read_text())["fingerprint"] != "ab"
     finally:
         remote.set_remote(None)
+
+
+def test_checkpoints_another_run_left_behind_are_neither_resumed_from_nor_taken_for_this_runs(tmp_path):
+    pytest.importorskip("fsspec")
+    from dreamer_magic import remote
+
+    bucket = tmp_path / "bucket"
+    for n in (10, 30):  # what a push killed while removing the old run's checkpoints leaves behind
+        old = bucket / "t" / "_checkpoints" / f"checkpoint-{n}"
+        old.mkdir(parents=True)
+        (old / "model.safetensors").write_bytes(b"old weights")
+        (old / remote.CHECKPOINT_MARKER).write_text(json.dumps({"files": {"model.safetensors": {"size": 11}}, "fingerprint": "old"}))
+    local = tmp_path / "output" / "t"
+    mine = local / "_checkpoints" / "checkpoint-10"
+    mine.mkdir(parents=True)
+    (mine / "model.safetensors").write_bytes(b"new")
+    (local / ".in-progress.json").write_text(json.dumps({"fingerprint": "new"}))
+    r = remote.Remote(f"file://{bucket}")
+    try:
+        assert r.complete_checkpoints("t", "new") == []  # a fresh machine would have resumed from old's checkpoint-30
+        assert r.push_checkpoints(tmp_path / "output", "t", ".in-progress.json", lambda folder: True) == ["_checkpoints/checkpoint-10"]
+        assert (bucket / "t" / "_checkpoints" / "checkpoint-10" / "model.safetensors").read_bytes() == b"new"
+        assert r.complete_checkpoints("t", "new") == ["_checkpoints/checkpoint-10"]
+    finally:
+        r.close()
