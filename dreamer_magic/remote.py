@@ -429,6 +429,7 @@ class Remote:
         if meta is None:
             return False  # changed again (or removed) since it committed: a later push follows
         meta_bytes = (local / meta_file).read_bytes()
+        self._refuse_other_kind(rel, meta_file)
         remote_meta = self.read_json(f"{rel}/{meta_file}")
         if remote_meta == meta or (only_if_absent and remote_meta is not None):
             return False  # there already, or another machine committed a newer version: not ours to replace
@@ -457,6 +458,21 @@ class Remote:
         if task is not None:
             task.files_done = task.files_total
         return True
+
+    def _refuse_other_kind(self, rel: str, meta_file: str) -> None:
+        """Raise when the remote folder ``rel`` holds the other kind (a trainer where a step is
+        pushed, or the reverse): the push would delete its files as stale, and no backup of the
+        other kind is made. The clash is the user's to resolve (rename one of them)."""
+        listed = self.listing(rel)
+        for other in [f for f in (*META_FILES, ".in-progress.json") if f != meta_file and f in listed]:
+            if meta_file == "trainer.json" and other == ".in-progress.json":
+                continue  # this trainer's own in-progress marker
+            found = self.read_json(f"{rel}/{other}") or {}
+            kind = "step" if other == "step.json" else "trainer"
+            raise DreamerError(
+                f"not pushed: the remote folder {rel!r} holds the {kind} {found.get('name', rel)!r}; "
+                "give one of them another name"
+            )
 
     def backup_remote(self, rel: str, meta_file: str, remote_meta: dict, key: str | None = None) -> None:
         """Copy the remote folder in place to ``_backups/<name>/<its fingerprint>/`` (server side),

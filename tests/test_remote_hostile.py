@@ -255,3 +255,23 @@ def test_checkpoints_another_run_left_behind_are_neither_resumed_from_nor_taken_
         assert r.complete_checkpoints("t", "new") == ["_checkpoints/checkpoint-10"]
     finally:
         r.close()
+
+
+def test_a_step_never_pushes_over_a_trainer_of_its_name_in_the_remote(ip, tmp_path):
+    pytest.importorskip("fsspec")
+    from dreamer_magic import remote
+
+    bucket = tmp_path / "bucket"
+    trainer = bucket / "x"  # another machine's trainer `x`
+    (trainer / "_model").mkdir(parents=True)
+    (trainer / "_model" / "model.safetensors").write_bytes(b"weights")
+    (trainer / "trainer.json").write_text(json.dumps({"fingerprint": "t" * 32, "name": "x", "kind": "trainer"}))
+    ip.run_line_magic("dreamer", f"remote file://{bucket}")
+    try:
+        ip.run_cell_magic("dreamer_step", "x", CELL)
+        assert remote.get_remote().flush(60)
+        assert (trainer / "_model" / "model.safetensors").read_bytes() == b"weights"
+        assert (trainer / "trainer.json").is_file() and not (trainer / "step.json").exists()
+        assert any("trainer 'x'" in e for e in remote.get_remote().errors), remote.get_remote().errors
+    finally:
+        remote.set_remote(None)
