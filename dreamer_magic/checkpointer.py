@@ -78,7 +78,9 @@ class Checkpointer:
         ``%config DreamerMagics.allow_pickle`` (``True`` outside a cell). When false, such a
         checkpoint is refused with a clear message; plain state loads with ``weights_only``.
 
-    In a distributed run only the main process writes checkpoints; every process resumes.
+    In a distributed run (``%%dreamer_train NAME --processes N``, torchrun) call :meth:`step` on every
+    rank: only the main process writes checkpoints, with each rank's random state (gathered over
+    ``torch.distributed`` when it is initialised); every rank resumes, with its own random state.
     """
 
     def __init__(
@@ -160,9 +162,11 @@ class Checkpointer:
             self.optimizer.load_state_dict(torch_load(path / "optimizer.pt", allow_pickle=self.allow_pickle))
         if self.scheduler is not None and (path / "scheduler.pt").exists():
             self.scheduler.load_state_dict(torch_load(path / "scheduler.pt", allow_pickle=self.allow_pickle))
-        rng = read_json(path / "rng_state.json") or {}
-        if (path / "rng_state.safetensors").exists():
-            set_rng_states(rng, load_file(str(path / "rng_state.safetensors")))
+        rank = process_rank()
+        stem = f"rng_state_{rank}" if rank and (path / f"rng_state_{rank}.safetensors").exists() else "rng_state"
+        rng = read_json(path / f"{stem}.json") or {}
+        if (path / f"{stem}.safetensors").exists():
+            set_rng_states(rng, load_file(str(path / f"{stem}.safetensors")))
         self.global_step = int(state.get("global_step") or checkpoint_step(path) or 0)
         self.log_history = list(state.get("log_history") or [])
         return self.global_step
@@ -199,6 +203,7 @@ class Checkpointer:
 
         done = self.global_step if steps_done is None else int(steps_done)
         final = self.folder / f"checkpoint-{done}"
+        others = gather_rng_states()  # collective in a distributed run: every rank calls save()
         if not self._main:
             return final
         with write_folder(final) as tmp:
@@ -214,6 +219,10 @@ class Checkpointer:
             save_file(tensors, str(tmp / "rng_state.safetensors"))
             (tmp / "rng_state.json").write_text(json.dumps(rng), encoding="utf-8")
             files += ["rng_state.safetensors", "rng_state.json"]
+            for rank, (rank_rng, rank_tensors) in others.items():  # each other rank's own random state
+                save_file(rank_tensors, str(tmp / f"rng_state_{rank}.safetensors"))
+                (tmp / f"rng_state_{rank}.json").write_text(json.dumps(rank_rng), encoding="utf-8")
+                files += [f"rng_state_{rank}.safetensors", f"rng_state_{rank}.json"]
             state = {
                 "global_step": done,
                 "max_steps": self.max_steps,
@@ -265,6 +274,34 @@ def torch_load(path: Path, *, allow_pickle: bool = True) -> Any:
         if not allow_pickle:
             raise PickleRefusedError(pickled_checkpoint_message(path)) from e
         return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def process_rank() -> int:
+    """This process's rank in a distributed run (0 outside one)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None) if torch is not None else None
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    with contextlib.suppress(ValueError):
+        return int(os.environ.get("RANK", "").strip() or 0)
+    return 0
+
+
+def gather_rng_states() -> dict[int, tuple[dict, dict]]:
+    """The random states of the other ranks, gathered on rank 0 (``{}`` on other ranks and outside
+    a distributed run); every rank must call it, as with any collective."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None) if torch is not None else None
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return {}
+    mine = get_rng_states()
+    everyone: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, everyone, dst=0)
+    return {rank: state for rank, state in enumerate(everyone or []) if rank and state is not None}
 
 
 def pickled_checkpoint_message(path: Path) -> str:

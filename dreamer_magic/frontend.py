@@ -365,7 +365,10 @@ def _widget_static(widget: Any) -> dict | None:
     layout = getattr(widget, "layout", None)
     if getattr(layout, "display", None) == "none" or getattr(layout, "visibility", None) == "hidden":
         return None
-    text = repr(widget) if hasattr(widget, "pbar") else _widget_text(widget)
+    try:
+        text = repr(widget) if hasattr(widget, "pbar") else _widget_text(widget)
+    except ReferenceError:  # a tqdm bar whose tqdm object is gone (its widget keeps a weak proxy)
+        text = _widget_text(widget)
     return {"text/plain": text, "text/html": _widget_html(widget)}
 
 

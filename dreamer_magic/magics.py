@@ -15,7 +15,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Unicode, observe
+from traitlets import Bool, CaselessStrEnum, Unicode, observe
 
 from . import steps
 from .errors import DreamerError
@@ -34,6 +34,14 @@ def _names(text: str | None) -> list[str] | None:
     return names
 
 
+def _processes(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UsageError(f"--processes {text}: give a whole number of worker processes, such as `--processes 2`")
+    return int(text)
+
+
 @magics_class
 class DreamerMagics(Magics):
     """The dreamer_magic magics. Configure with ``%config DreamerMagics.<option> = value``."""
@@ -43,6 +51,14 @@ class DreamerMagics(Magics):
     ).tag(config=True)
     allow_pickle = Bool(
         True, help="Load outputs that were saved with pickle. Set False to refuse pickles from folders you do not trust."
+    ).tag(config=True)
+    verify = CaselessStrEnum(
+        ["digest", "size"],
+        default_value="digest",
+        help="What a hit checks of the files a step wrote before loading them: 'digest' (sizes and xxh3 content "
+        "digests at memory speed; a file this kernel already hashed, with the same inode, size, mtime and ctime, "
+        "is not hashed again) or 'size' (sizes only: faster on huge outputs, blind to a changed byte of the same "
+        "size). A mismatch is a miss that sets the damaged folder aside.",
     ).tag(config=True)
     replay = Bool(True, help="Replay a step's recorded output (prints, plots, HTML) when it is loaded from disk.").tag(config=True)
     remote = Unicode(
@@ -123,6 +139,12 @@ class DreamerMagics(Magics):
     @argument("--no-resume", action="store_true", help="Start over instead of resuming from the last checkpoint (old checkpoints go to _backups).")
     @argument("--no-replay", action="store_true", help="Do not replay the recorded output on a hit.")
     @argument("--files", default=None, help="Comma-separated files or folders the cell reads that tracing cannot see.")
+    @argument(
+        "--processes",
+        default=None,
+        help="Train in N worker processes on torch.distributed (gloo on CPU, nccl on GPUs); rank 0 saves, "
+        "then this kernel loads the trained model.",
+    )
     @cell_magic
     def dreamer_train(self, line: str, cell: str) -> None:
         """Make a training cell a named trainer that checkpoints, resumes and reloads.
@@ -130,7 +152,8 @@ class DreamerMagics(Magics):
         A transformers ``Trainer`` built in the cell writes its checkpoints to
         ``<name>/_checkpoints`` and resumes from the latest complete one; when the cell ends the
         model is saved to ``<name>/_model``. Re-running a finished trainer loads the model
-        instead of training.
+        instead of training. ``--processes N`` runs the body in N worker processes (one per
+        GPU), then loads the trained model here.
 
         For example:
 
@@ -162,6 +185,7 @@ class DreamerMagics(Magics):
             force=args.force,
             replay=self.replay and not args.no_replay,
             allow_pickle=self.allow_pickle,
+            verify=self.verify.lower(),
             exclude=self._hidden_names(),
             files=[f.strip() for f in (args.files or "").split(",") if f.strip()],
         )
@@ -170,9 +194,10 @@ class DreamerMagics(Magics):
             if kind == "step":
                 steps.run_cell_step(name, source, self.shell.user_ns, **options)
             else:
-                from . import trainers
+                from . import distributed
 
-                trainers.run_cell_trainer(name, source, self.shell.user_ns, resume=not args.no_resume, **options)
+                processes = _processes(args.processes)
+                distributed.run_cell_trainer(name, source, self.shell.user_ns, processes=processes, resume=not args.no_resume, **options)
         except DreamerError as e:
             raise UsageError(str(e)) from None
         except KeyboardInterrupt:

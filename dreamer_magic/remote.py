@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterable
 
 from .errors import DreamerError
 from .folders import BACKUPS, file_digest, meta_shape_problem, read_meta, tree_digest
+from .integrity import DIGEST
 
 INSTALL_HINT = (
     "a remote output folder needs fsspec and the driver of its filesystem: "
@@ -237,7 +238,8 @@ def verify(folder: Path, meta: dict, sizes: dict[str, int] | None = None) -> str
                 return f"{item['path']} is missing"
             if item.get("size") is not None and path.stat().st_size != int(item["size"]):
                 return f"{item['path']} has another size than recorded"
-            if item.get("digest") and file_digest(path) != item["digest"]:
+            expected = item.get("digest") or item.get(DIGEST)  # step.json's record says "xxh3_128"
+            if expected and file_digest(path) != expected:
                 return f"{item['path']} has another digest than recorded"
         return None
     for name, entry in (meta.get("outputs") or {}).items():

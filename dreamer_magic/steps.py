@@ -29,7 +29,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from . import __version__, events
 from .cell import analyze, line_changes, loop_names
-from .errors import DreamerError, FingerprintError, PickleRefusedError, StorageError
+from .errors import DamagedResultError, DreamerError, FingerprintError, PickleRefusedError, StorageError
 from .fingerprint import (
     FORMAT_VERSION,
     LINEAGE,
@@ -43,6 +43,7 @@ from .fingerprint import (
 )
 from .folders import OutputFolder, get_output_folder, now_iso, read_json, read_meta, tree_digest, validate_name, write_json_atomic
 from .folders import WRITE_REFUSED, interrupts_deferred, saving_into
+from .integrity import RECORD, check_links, check_mode, record_files, tree_digest_of, verify_record
 from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status, value_preview
 
 STEP_FILE = "step.json"
@@ -97,6 +98,7 @@ class StepSpec:
     force: bool = False
     replay: bool = True
     allow_pickle: bool = True
+    verify: str = "digest"  # what a hit checks of the saved files: "digest" (sizes and contents) or "size"
     kind: str = "step"
     extra: dict[str, Any] = field(default_factory=dict)  # more fingerprint components (decorator args)
     files: list[str] = field(default_factory=list)  # --files: what the body reads that a trace cannot see
@@ -385,6 +387,7 @@ class StepRun:
         self.dependencies: dict | None = None  # what the body read besides its inputs (traced)
         self.meta: dict | None = None  # step.json of the result loaded
         self.cell_info: Any = None  # the cell analysis (cell steps), for notes on what it cannot analyse
+        self.damaged: list[Reason] = []  # saved results with this fingerprint found damaged and set aside
         self.load_from: Path | None = None  # a backup loaded where it is (a read-only output folder)
         self.committed = False  # the new result is in place (an interrupt after this loses nothing)
         # Where this step's folder and its backups live: the output folder, or for a nested
@@ -504,11 +507,15 @@ class StepRun:
                     return self._load(self.load_from or self.final, found, state, started)
                 except PickleRefusedError:
                     raise
+                except DamagedResultError as e:  # never a hit, never a backup under its fingerprint
+                    self._set_aside(self.home, self.load_from or self.final, self.key, e, backup=self.load_from is not None)
                 except StorageError as e:
                     problem = f"the saved result could not be loaded ({e}); running again"
                     meta = None
         if spec.force:
             status.reasons = [Reason.force()]
+        elif self.damaged:
+            status.reasons = list(self.damaged)
         elif changed and meta is not None and meta.get("fingerprint") == fp:
             status.reasons = changed
         else:
@@ -527,7 +534,7 @@ class StepRun:
         if current is not None and current.get("fingerprint") == fp and self._dependencies_hold(current, changed):
             yield LOADED, current
         found = self.home.find_backup(self.key, fp, self.meta_file)
-        if found is not None and self._dependencies_hold(found[1], changed):
+        if found is not None and self._dependencies_hold(found[1], changed) and self._intact(found[0], found[1]):
             try:
                 restored = self.home.restore(self.key, fp, self.meta_file)
             except OSError as e:  # a read-only output folder: load the backup where it is
@@ -648,6 +655,37 @@ class StepRun:
             only_if_absent=status.state == LOADED,
         )
 
+    def _check_saved(self, folder: Path, meta: dict) -> None:
+        """Before anything of a saved result is read: no symlink in it leads outside, and its
+        files are the ones the step wrote (sizes, and digests unless ``verify="size"``).
+        ``status.verified`` says what was checked (``None``: saved before file records)."""
+        check_links(folder)
+        entries = meta.get("outputs") or {}
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+            raise DamagedResultError(f"the outputs in {self.meta_file} are not readable")
+        listed = [e["path"] for e in entries.values() if e.get("storage") == "pretrained" and isinstance(e.get("path"), str)]
+        self.status.verified = verify_record(folder, meta, mode=self.spec.verify, listed=listed, skip=[self.meta_file])
+
+    def _intact(self, folder: Path, meta: dict) -> bool:
+        """Whether a backup passes :meth:`_check_saved`; a damaged one is set aside, never restored."""
+        try:
+            self._check_saved(folder, meta)
+        except DamagedResultError as e:
+            self._set_aside(self.home, folder, self.key, e, backup=True)
+            return False
+        return True
+
+    def _set_aside(self, home: OutputFolder, folder: Path, key: str, error: Exception, *, backup: bool = False) -> None:
+        """Move a damaged result to ``_backups/<name>/incomplete-…`` (kept for a person to look
+        at, never loaded or restored) and say why in the status."""
+        try:
+            where = home.move_to_backup(folder, key, self.meta_file, damaged=True)
+            kept = f"; it was set aside in {where}" if where else ""
+        except OSError as e:  # a read-only output folder, say: it stays where it is, unused
+            kept = f"; it could not be set aside ({e.strerror or e})"
+        what = "a backup with this fingerprint" if backup else "the saved result"
+        self.damaged.append(Reason.problem(f"{what} is damaged: {error}{kept}"))
+
     def _code_changes(self, meta: dict | None) -> list[Reason]:
         """Which functions outside the notebook changed since the saved run (a changed module
         input says only "input `helpers` changed"; this names ``helpers.clean``)."""
@@ -716,6 +754,7 @@ class StepRun:
 
     def _load(self, folder: Path, meta: dict, state: str, started: float) -> dict[str, Any]:
         status = self.status
+        self._check_saved(folder, meta)
         entries = meta.get("outputs") or {}
         self.entries = entries
         self.meta = meta
@@ -733,6 +772,7 @@ class StepRun:
         status.duration = load_time
         if state == RESTORED:
             status.reasons = [Reason.restored()]
+        status.notes.extend(self.damaged)  # loaded another copy: say what was set aside
         if self.spec.replay:
             replay_path = folder / REPLAY_FILE
             if replay_path.exists():
@@ -876,16 +916,18 @@ class StepRun:
 
         assert self.tmp is not None
         entries = save_outputs(values, self.tmp)
-        for entry in entries.values():
-            if entry.get("path"):
-                entry["digest"] = tree_digest(self.tmp / entry["path"])
         record_inherited_lineage(values, entries)
         self.entries = entries
         for name, reason in getattr(entries, "not_saved", {}).items():  # storage skipped it: say so
             self.status.notes.append(not_saved_note(name, reason))
         self._write_rng(self.tmp)
         write_replay(self.tmp, records)
+        files = record_files(self.tmp, skip=[self.meta_file])
+        for entry in entries.values():
+            if entry.get("path"):  # what the lineage of a saved dataset is keyed by
+                entry["digest"] = tree_digest_of(files, entry["path"]) or tree_digest(self.tmp / entry["path"])
         meta = self.metadata(components, fp, entries, duration)
+        meta[RECORD] = files
         final = self.final
         with interrupts_deferred():  # a commit is never cut in half by Ctrl-C
             moved = self.home.commit(self.tmp, final, self.key, self.meta_file, meta)
@@ -1017,7 +1059,9 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def step(name: str, *, version: str | None = None, force: bool = False, allow_pickle: bool = True) -> Callable:
+def step(
+    name: str, *, version: str | None = None, force: bool = False, allow_pickle: bool = True, verify: str = "digest"
+) -> Callable:
     """Make calling a function a step, keyed by its code, the globals it uses and its arguments.
 
     Examples
@@ -1027,9 +1071,11 @@ def step(name: str, *, version: str | None = None, force: bool = False, allow_pi
     ...     return encoder.encode(texts)
     >>> vectors = embed(["a", "b"])               # runs; later calls with the same arguments load
 
-    Called while another step runs, its folder nests under that step's folder.
+    Called while another step runs, its folder nests under that step's folder. A hit checks the
+    saved files' sizes and digests first (``verify="size"``: sizes only, faster on huge outputs).
     """
     validate_name(name)
+    check_mode(verify)
 
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)
@@ -1053,6 +1099,7 @@ def step(name: str, *, version: str | None = None, force: bool = False, allow_pi
                 version=version,
                 force=force,
                 allow_pickle=allow_pickle,
+                verify=verify,
             )
             return StepRun(spec, execute).run()["result"]
 
@@ -1091,6 +1138,7 @@ def cell_spec(
     kind: str = "step",
     files: list[str] | None = None,
     transform: Callable[[str], str] | None = None,
+    verify: str = "digest",
 ) -> tuple[StepSpec, Any]:
     """Work out a cell's inputs, outputs and libraries: the :class:`StepSpec` and the cell analysis.
 
@@ -1131,6 +1179,7 @@ def cell_spec(
         force=force,
         replay=replay,
         allow_pickle=allow_pickle,
+        verify=check_mode(verify),
         kind=kind,
         files=list(files or []),
         first_line=2,  # the cell's body starts under its %%dreamer_ line

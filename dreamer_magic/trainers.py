@@ -37,6 +37,8 @@ trained weights. The fingerprint of such an input is recorded before and after t
 re-running the cell in the same kernel is still a hit (the trained model is recognised as
 this trainer's own output) instead of training the trained model again.
 
+Multi-GPU from the notebook: ``%%dreamer_train NAME --processes N`` (:mod:`.distributed`) forks N
+workers that each run this lifecycle as below, then loads the trained model in the kernel.
 Multi-GPU (``accelerate launch``, ``torchrun``): every process runs the cell and trains, but
 only the main process (rank 0; ``torch.distributed`` rank when it is initialised, else the
 ``RANK`` / ``LOCAL_RANK`` environment variables) moves folders, writes ``_model``,
@@ -93,6 +95,7 @@ from .checkpoints import (
 from .errors import DreamerError, StorageError
 from .fingerprint import fingerprint, json_safe, model_fingerprint
 from .folders import OutputFolder, fsync_tree, now_iso, read_json, read_meta, saving_into, write_json_atomic
+from .integrity import RECORD, record_files
 from .hf_trainer import is_trainer as _is_hf_trainer, patched_trainer
 from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, Status, resumed_from
 from .steps import (
@@ -283,6 +286,12 @@ class TrainerRun(StepRun):
         self._resumed = False
         self._pulled: set[str] = set()  # checkpoints pulled from the remote output folder by this run
         self.attached: dict[str, tuple[str, str]] = {}  # output -> (Trainer input, attribute) it came from
+        # hooks for distributed.py: called where training would start (under the lock), once the folder is
+        # ready to train in (rank 0 prepared it), and context managers entered around the body
+        self.before_training: Callable[["TrainerRun"], None] | None = None
+        self.folder_ready: Callable[[], Any] | None = None
+        self.around_body: list[Callable[[], Any]] = []
+        self.arguments_left_out: str | None = None  # why a hit leaves TrainingArguments out (distributed.py)
 
     # -- where things are ---------------------------------------------------------
     @property
@@ -360,11 +369,35 @@ class TrainerRun(StepRun):
     def _load_values(self, folder: Path, entries: dict) -> dict[str, Any]:
         """Models with ``from_pretrained``; plain modules trained in place get their weights back."""
         namespace = ChainMap(self.namespace, self.spec.inputs)
-        values = load_outputs(folder, entries, allow_pickle=self.spec.allow_pickle, namespace=namespace)
+        arguments = {n: e for n, e in entries.items() if e.get("storage") == "training_args"}
+        others = {n: e for n, e in entries.items() if n not in arguments}
+        values = load_outputs(folder, others, allow_pickle=self.spec.allow_pickle, namespace=namespace)
+        values.update(self._load_arguments(folder, arguments))
         for name, entry in entries.items():
             into = entry.get("into")
             if isinstance(into, str) and name in values:
                 values[name] = self._put_back(values[name], into, folder)
+        return values
+
+    def _load_arguments(self, folder: Path, entries: dict) -> dict[str, Any]:
+        """``TrainingArguments``; one saved by a distributed run that cannot be rebuilt in this process
+        (``ddp_backend="gloo"`` needs a process group) is left as it was, with a note, instead of retraining."""
+        from .storage import load_value
+
+        values: dict[str, Any] = {}
+        for name, entry in entries.items():
+            if self.arguments_left_out:
+                self.status.notes.append(f"`{name}` was not restored in the kernel: {self.arguments_left_out}")
+                continue
+            if not (folder / str(entry.get("path") or "")).is_file():
+                raise StorageError(f"`{name}`'s saved arguments are missing ({entry.get('path')})")
+            try:
+                values[name] = load_value(folder, entry, name=name)
+            except StorageError as e:
+                self.status.notes.append(
+                    f"`{name}` was not restored ({e}); the trained model was loaded. Build the arguments again in a "
+                    "cell to train further"
+                )
         return values
 
     def _put_back(self, loaded: Any, into: str, folder: Path) -> Any:
@@ -413,6 +446,8 @@ class TrainerRun(StepRun):
     def _run_and_save(self, components: dict, fp: str, started: float) -> dict[str, Any]:
         __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status, spec = self.status, self.spec
+        if self.before_training is not None:
+            self.before_training(self)
         if self.main:
             try:
                 with saving_into(self.out.root, f"trainer {spec.name!r}"):
@@ -422,6 +457,8 @@ class TrainerRun(StepRun):
                 status.state = FAILED
                 status.error = str(e)
                 raise
+        if self.folder_ready is not None:
+            self.folder_ready()
         self._note_outside_seed()
         self.live.begin(0, None)
         records: list = []
@@ -431,7 +468,9 @@ class TrainerRun(StepRun):
         try:
             try:
                 tracer = self._tracer()
-                with self.frontend.capture(records), patched_trainer(self), tracer:
+                with self.frontend.capture(records), patched_trainer(self), tracer, contextlib.ExitStack() as around:
+                    for enter in self.around_body:
+                        around.enter_context(enter())
                     namespace = self.execute()
             finally:
                 self.finished = True
@@ -753,6 +792,7 @@ class TrainerRun(StepRun):
             "not_saved": not_saved,
             **meta_extra,
         }
+        meta[RECORD] = record_files(folder, skip=[TRAINER_FILE])  # _model, _outputs...: checked on a hit
         write_json_atomic(folder / TRAINER_FILE, meta)
         with contextlib.suppress(FileNotFoundError):
             self.marker.unlink()
@@ -872,12 +912,13 @@ def run_cell_trainer(
     raw: str | None = None,
     resume: bool = True,
     status: Status | None = None,
+    setup: Callable[[TrainerRun], Any] | None = None,
     **options: Any,
 ) -> Status:
     """Run a cell as a trainer: fingerprint, then load (hit), restore, resume or train; put outputs in ``namespace``.
 
     The ``frontend`` runs the body and re-runs its definitions on a hit; ``resume=False`` is
-    ``--no-resume``; ``options`` are those of :func:`dreamer_magic.steps.cell_spec`
+    ``--no-resume``; ``setup(run)`` may set the run's hooks first (distributed.py does); ``options`` are those of :func:`dreamer_magic.steps.cell_spec`
     (``inputs``, ``outputs``, ``version``, ``force``, ``replay``, ``allow_pickle``, ``exclude``).
     """
     __tracebackhide__ = True  # noqa: F841
@@ -893,6 +934,8 @@ def run_cell_trainer(
         frontend=frontend,
     )
     run.cell_info = info
+    if setup is not None:
+        setup(run)
     values = run.run()
     namespace.update(values)
     if run.status.state in (LOADED, RESTORED, PULLED):
