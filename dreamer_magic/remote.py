@@ -910,7 +910,17 @@ def compact_all(remote: Remote) -> tuple[int, int]:
 LEASES = ".locks"  # <remote>/.locks/<name>.lease, as the local .locks/<name>.lock
 # Seconds a lease lasts unless renewed (renewed every third of it while held): how long a machine
 # waits for the lease of one that died. DREAMER_LEASE_TTL overrides it (shorter on a fast network).
-LEASE_TTL = float(os.environ.get("DREAMER_LEASE_TTL") or 30.0)
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment, else ``default`` (a typo never breaks
+    ``import``: ``%dreamer remote`` would show a traceback instead of working)."""
+    try:
+        value = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+LEASE_TTL = _env_seconds("DREAMER_LEASE_TTL", 30.0)
 LEASE_POLL = 1.0  # seconds between tries while another machine holds a lease
 
 

@@ -275,3 +275,13 @@ def test_a_step_never_pushes_over_a_trainer_of_its_name_in_the_remote(ip, tmp_pa
         assert any("trainer 'x'" in e for e in remote.get_remote().errors), remote.get_remote().errors
     finally:
         remote.set_remote(None)
+
+
+def test_a_mistyped_lease_ttl_in_the_environment_falls_back_to_the_default(monkeypatch):
+    from dreamer_magic import remote
+
+    for text in ("30s", "-1", ""):
+        monkeypatch.setenv("DREAMER_LEASE_TTL", text)
+        assert remote._env_seconds("DREAMER_LEASE_TTL", 30.0) == 30.0
+    monkeypatch.setenv("DREAMER_LEASE_TTL", "3")
+    assert remote._env_seconds("DREAMER_LEASE_TTL", 30.0) == 3.0
