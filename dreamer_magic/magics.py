@@ -335,8 +335,12 @@ class DreamerMagics(Magics):
         mirror = sys.modules.get("dreamer_magic.remote")
         if mirror is not None and mirror.get_remote() is not None:
             remote = mirror.get_remote()
-            remote.flush()  # pending segments first, so that the compaction includes them
-            merged, saved = mirror.compact_all(remote)
+            remote.flush(mirror.FLUSH_ON_EXIT)  # pending segments first, so that the compaction includes them
+            try:
+                merged, saved = mirror.compact_all(remote)
+            except Exception as e:  # noqa: BLE001 - an unreachable remote: the local gc is done, say why not the rest
+                print(f"remote: segments not compacted ({type(e).__name__}: {e}); run `%dreamer gc` again when it is reachable")
+                return
             print(f"remote: compacted {merged} generation-cache segment{'s' if merged != 1 else ''}, freed {human_size(saved)}")
 
 

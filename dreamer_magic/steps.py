@@ -521,18 +521,23 @@ class StepRun:
             recorded = read_json(self.final / meta_file)
             if recorded is None:
                 continue
-            name = recorded.get("name")
-            if (isinstance(name, str) and name != self.spec.name) or kind != self.spec.kind:
-                other = f"the {kind} {name!r}" if isinstance(name, str) else f"a {kind}"
-                message = (
-                    f"the {self.spec.kind} {self.spec.name!r} and {other} map to the same folder "
-                    f"{self.folder_name!r} (names are lower-cased and spaces become '-'), which holds the "
-                    f"result of {other}: give this {self.spec.kind} another name, or, if it is the same one "
-                    "renamed, run it once with --force (the old result goes to _backups)"
-                )
-                self.status.state, self.status.error = FAILED, message
-                raise DreamerError(message)
+            self._refuse_clash_with(recorded, kind)
             return
+
+    def _refuse_clash_with(self, recorded: dict, kind: str) -> None:
+        """Raise the name-clash error when ``recorded`` (a folder's metadata, local or remote)
+        was written by another name or kind than this one."""
+        name = recorded.get("name")
+        if (isinstance(name, str) and name != self.spec.name) or kind != self.spec.kind:
+            other = f"the {kind} {name!r}" if isinstance(name, str) else f"a {kind}"
+            message = (
+                f"the {self.spec.kind} {self.spec.name!r} and {other} map to the same folder "
+                f"{self.folder_name!r} (names are lower-cased and spaces become '-'), which holds the "
+                f"result of {other}: give this {self.spec.kind} another name, or, if it is the same one "
+                "renamed, run it once with --force (the old result goes to _backups)"
+            )
+            self.status.state, self.status.error = FAILED, message
+            raise DreamerError(message)
 
     def _decide_and_go(self, components: dict, fp: str, started: float) -> dict[str, Any]:
         __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
@@ -608,6 +613,12 @@ class StepRun:
             return None
         try:
             found = remote.find(self.name_path, fp, self.meta_file)
+        except Exception as e:  # noqa: BLE001 - an unreachable remote is a miss, never a failed cell
+            self.status.notes.append(f"the remote copy was not used: {type(e).__name__}: {e}")
+            return None
+        if found is not None:  # another name's result (`My Step` for `my-step`): refused as locally
+            self._refuse_clash_with(found[1], self.spec.kind)
+        try:
             if found is None or not self._dependencies_hold(found[1], changed):
                 return None
             where, meta = found

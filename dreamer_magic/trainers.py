@@ -591,7 +591,7 @@ class TrainerRun(StepRun):
             remote_marker = remote.read_json(f"{self.name_path}/{IN_PROGRESS}")
             if remote_marker is None or remote_marker.get("fingerprint") != fp:
                 return
-            names = remote.complete_checkpoints(self.name_path)
+            names = remote.complete_checkpoints(self.name_path, fp)
             if not names:
                 return
             newest = names[-1]
