@@ -1,6 +1,6 @@
 """Step benchmarks, each side by side with the peer doing the same work in the same run.
 
-    .venv/bin/python benchmarks/bench_steps.py [--rows 1000000] [--repeat 5]
+    .venv/bin/python benchmarks/bench_steps.py [--rows 1000000] [--repeat 5] [--verify-only]
 
 Prints medians and ratios for:
 - `%load_ext dreamer_magic` wall time (fresh processes), and which heavy modules it imported;
@@ -8,12 +8,17 @@ Prints medians and ratios for:
 - saving a 1M-row DataFrame with an object text column (a miss's save) vs df.to_parquet;
 - a hit on a step whose input and output are a 1M-row datasets.Dataset (the magic's overhead);
 - fingerprinting a 1 GB array and the 1M-row DataFrame vs joblib.hash;
-- peak RSS added by a hit on the 1M-row Dataset.
+- peak RSS added by a hit on the 1M-row Dataset;
+- what verifying a hit costs (`--verify-only` runs just this): the 1M-row DataFrame and Dataset
+  hits with the checks off (as before file records), `verify = "size"`, `verify = "digest"` (a
+  repeat hit in one kernel: files already hashed are recognised by inode, size, mtime and ctime)
+  and digests with every file hashed again (the first hit after a restart), in interleaved rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import shutil
@@ -178,6 +183,94 @@ def bench_dataset_hit(ip, work: Path, rows: int, repeat: int) -> None:
     assert saved.num_rows == rows
 
 
+CHECKS: list[float] = []  # seconds spent in the hit checks, per call
+
+
+def _timed(fn):
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            CHECKS.append(time.perf_counter() - t)
+    return timed
+
+
+@contextlib.contextmanager
+def verify_mode(ip, mode: str):
+    """``off``: the hit checks patched out (a hit as before file records); ``cold``: digests, every
+    file hashed again (the first hit after a restart); else ``%config DreamerMagics.verify``."""
+    from dreamer_magic import integrity, steps, storage
+
+    saved = steps.StepRun._check_saved, storage.check_files
+    known = dict(integrity._KNOWN)  # a cold hit forgets for itself only, not for the other hits
+    if mode == "off":
+        steps.StepRun._check_saved = lambda self, folder, meta: None
+        storage.check_files = lambda *args, **kwargs: None
+    else:
+        steps.StepRun._check_saved = _timed(saved[0])
+        storage.check_files = _timed(saved[1])
+        ip.run_line_magic("config", f'DreamerMagics.verify = "{"digest" if mode == "cold" else mode}"')
+        if mode == "cold":
+            integrity.forget_digests()
+    try:
+        yield
+    finally:
+        steps.StepRun._check_saved, storage.check_files = saved
+        ip.run_line_magic("config", 'DreamerMagics.verify = "digest"')
+        if mode == "cold":
+            integrity._KNOWN.update(known)
+
+
+def bench_verify(ip, work: Path, rows: int, repeat: int) -> None:
+    import datasets
+
+    source = work / "source-ds"
+    if not source.exists():
+        datasets.Dataset.from_pandas(make_frame(rows)).save_to_disk(str(source))
+    ip.user_ns["vframe"] = make_frame(rows)
+    ip.user_ns["vds"] = datasets.load_from_disk(str(source))
+    cases = {
+        "DataFrame": ("verify-frame", "vkept = vframe[vframe.stars > 0].reset_index(drop=True)\n"),
+        "Dataset": ("verify-dataset", "vout = vds\n"),
+    }
+    modes = ["off", "size", "digest", "cold"]
+    times: dict[tuple[str, str], list[float]] = {(c, m): [] for c in cases for m in modes}
+    checks: dict[tuple[str, str], list[float]] = {(c, m): [] for c in cases for m in modes}
+    with quiet():
+        for name, cell in cases.values():
+            ip.run_cell_magic("dreamer_step", name, cell)
+        time.sleep(2.5)  # files written in the last 2 s are hashed at every hit ("racily clean", as in git)
+        for round_ in range(repeat):
+            for case, (name, cell) in cases.items():
+                for mode in modes[round_ % 4:] + modes[: round_ % 4]:  # interleaved, order rotated
+                    CHECKS.clear()
+                    with verify_mode(ip, mode):
+                        t = time.perf_counter()
+                        ip.run_cell_magic("dreamer_step", name, cell)
+                        times[(case, mode)].append(time.perf_counter() - t)
+                    checks[(case, mode)].append(sum(CHECKS))
+                    status = ip._dreamer_magics._last_status
+                    assert status.state == "loaded from disk" and status.verified == {"off": None, "cold": "digest"}.get(mode, mode)
+    size = sum(p.stat().st_size for p in (work / "output" / "verify-frame").rglob("*") if p.is_file())
+    print(f"verifying a hit ({rows:,} rows; {repeat} interleaved rounds; median [min-max]; DataFrame folder {size / 1e6:.0f} MB)")
+    print("  whole hit, and the time spent in the checks themselves (timed inside the same hits; the")
+    print("  ratio is (hit with checks off + median check time) / hit with checks off, steadier than whole-hit ratios):")
+    for case in cases:
+        off = statistics.median(times[(case, "off")])
+        for mode in modes:
+            ts = times[(case, mode)]
+            med = statistics.median(ts)
+            label = {"cold": "digest*"}.get(mode, mode)
+            line = f"  {case:9} verify {label:7} {ms(med)}  [{ms(min(ts)).strip()}-{ms(max(ts)).strip()}]"
+            if mode != "off":
+                spent = statistics.median(checks[(case, mode)])
+                line += f"  checks {ms(spent, 3).strip()}  ratio {(off + spent) / off:5.3f}x"
+                line += "  (target <= 1.10)" if mode == "digest" else ""
+            print(line)
+    print("  digest* = every file hashed again, as at the first hit after a restart")
+
+
 def bench_fingerprint(rows: int, repeat: int, gigabytes: float) -> None:
     import joblib
 
@@ -237,6 +330,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--gigabytes", type=float, default=1.0)
     parser.add_argument("--only-save", action="store_true", help="only the object-column save (target 3)")
+    parser.add_argument("--verify-only", action="store_true", help="only the cost of verifying hits")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dreamer-bench-"))
     if args.only_save:
@@ -244,6 +338,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         return
     try:
+        if args.verify_only:
+            bench_verify(shell(work / "output"), work, args.rows, args.repeat)
+            return
         bench_load_ext(args.repeat)
         ip = shell(work / "output")
         bench_frame_hit(ip, work, args.rows, args.repeat)  # pandas 3's default string dtype
@@ -251,6 +348,7 @@ def main() -> None:
         bench_object_save(work, args.rows, args.repeat)
         bench_dataset_hit(ip, work, args.rows, args.repeat)
         bench_rss(work, args.rows)
+        bench_verify(ip, work, args.rows, args.repeat)
         bench_fingerprint(args.rows, args.repeat, args.gigabytes)
     finally:
         shutil.rmtree(work, ignore_errors=True)

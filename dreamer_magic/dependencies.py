@@ -1502,8 +1502,10 @@ def user_modules_reached(values: Iterable[Any] = (), imported: Iterable[str] = (
     The roots are the modules the cell imports (top-level names: every loaded submodule
     counts) and the modules of the user functions, classes, instances and modules among
     ``values`` (its inputs); the set is closed over the user modules and user functions or
-    classes that those modules' globals refer to. User code is code outside the standard
-    library and site-packages (an editable install counts as user code).
+    classes that those modules' globals refer to, the globals those functions (and the methods
+    of those classes) name, and the modules their bodies import (``def f(): import helpers``).
+    User code is code outside the standard library and site-packages (an editable install
+    counts as user code).
     """
     found: dict[str, None] = {}
     todo: list[str] = []
@@ -1518,15 +1520,56 @@ def user_modules_reached(values: Iterable[Any] = (), imported: Iterable[str] = (
         found[name] = None
         todo.append(name)
 
+    walked: dict[int, Any] = {}
+
     def of_value(value: Any) -> None:
         if isinstance(value, types.ModuleType):
             consider(value.__name__)
-        elif isinstance(value, (types.FunctionType, type)):
+        elif isinstance(value, types.FunctionType):
             consider(getattr(value, "__module__", None))
+            of_code(value)
+        elif isinstance(value, type):
+            consider(getattr(value, "__module__", None))
+            of_class(value)
         elif isinstance(value, (types.MethodType, staticmethod, classmethod)):
             of_value(value.__func__)
         else:
             consider(getattr(type(value), "__module__", None))
+
+    def is_users(module: Any, filename: str) -> bool:
+        notebook = module in (None, "__main__", "__mp_main__") or str(module).startswith("__ipython")
+        return notebook or _is_user_file(filename)
+
+    def of_code(fn: types.FunctionType) -> None:
+        """A user function's body imports and the code its globals name (a notebook function
+        has no module file whose globals are walked): the modules it reaches when it runs."""
+        if id(fn) in walked or not is_users(fn.__module__, fn.__code__.co_filename):
+            return
+        walked[id(fn)] = fn
+        from .fingerprint import code_global_names, code_imports
+
+        for name in code_imports(fn.__code__, fn.__globals__.get("__package__")):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                consider(".".join(parts[:i]))
+        for name in code_global_names(fn.__code__):
+            value = fn.__globals__.get(name)
+            if isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                of_value(value)
+
+    def of_class(cls: type) -> None:
+        module = getattr(cls, "__module__", None)
+        file = getattr(sys.modules.get(module), "__file__", None) if isinstance(module, str) else None
+        if id(cls) in walked or not is_users(module, file if isinstance(file, str) else "<>"):
+            return
+        walked[id(cls)] = cls
+        for attr in list(vars(cls).values()):
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            elif isinstance(attr, property):
+                attr = attr.fget
+            if isinstance(attr, types.FunctionType):
+                of_code(attr)
 
     with _paused():
         for top in imported:

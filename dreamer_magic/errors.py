@@ -34,3 +34,8 @@ class CacheWarning(UserWarning):
 
 class PickleRefusedError(StorageError):
     """A saved output is a pickle and ``allow_pickle`` is off: refuse rather than re-run."""
+
+
+class DamagedResultError(StorageError):
+    """A saved result must not be loaded: a file changed since the save, or a path or symlink in
+    it leads outside its folder. The lifecycle treats it as a miss and sets the folder aside."""

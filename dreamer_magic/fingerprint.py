@@ -533,7 +533,11 @@ class Hasher:
 
     def module_object(self, module: types.ModuleType) -> None:
         """A library module by distribution and version; a user module by its code: its
-        functions, classes and plain constants (what a cell reaching ``helpers.clean`` runs)."""
+        functions, classes and plain constants (what a cell reaching ``helpers.clean`` runs).
+
+        A package's own submodules are left out: ``import mypkg.sub`` anywhere (in a step's
+        body, say) makes ``sub`` an attribute of ``mypkg``, and the first call that imports it
+        must fingerprint like the next ones; their code counts as a dependency of the step."""
         name = getattr(module, "__name__", None)
         if not isinstance(name, str):
             raise FingerprintError(f"a module object without a name ({_qualname(type(module))}) cannot be fingerprinted")
@@ -549,9 +553,11 @@ class Hasher:
             for key, value in sorted(vars(module).items()):
                 if key.startswith("__") and key.endswith("__"):
                     continue
+                if isinstance(value, types.ModuleType) and getattr(value, "__name__", None) == f"{name}.{key}":
+                    continue  # a submodule, bound by importing it
                 if isinstance(value, (type, types.ModuleType)) or _is_callable_code(value) or _is_plain(value):
                     h.str_(key)
-                    h._code_value(f"module {name}", key, value, owner=name)
+                    h._code_value(f"module {name}", key, value, owner=name, module_global=True)
 
         self._user_object(module, "module", body)
 
@@ -608,17 +614,15 @@ class Hasher:
         self._function_data(fn)
         self.str_("globals")
         where = f"function {fn.__qualname__}()"
-        for name in sorted(code_global_names(fn.__code__)):
-            if name in fn.__globals__:
-                self.str_(name)
-                self._code_value(where, name, fn.__globals__[name], "uses the global", owner=fn.__module__)
+        for name in sorted(function_globals(fn)):
+            self.str_(name)
+            self._code_value(where, name, fn.__globals__[name], "uses the global", owner=fn.__module__, module_global=True)
         imports = code_imports(fn.__code__, fn.__globals__.get("__package__"))
         if imports:
             self.str_("imports")
             for name in sorted(imports):
                 self.str_(name)
-                module = sys.modules.get(name)
-                self.value(module if module is not None else distribution_version(name))
+                self.value(import_version(name))
 
     def _function_data(self, fn: types.FunctionType) -> None:
         self.value(fn.__defaults__)
@@ -626,13 +630,22 @@ class Hasher:
         if fn.__closure__:
             self.value(_closure(fn))
 
-    def _code_value(self, where: str, name: str, value: Any, verb: str = "has", *, owner: str | None = None) -> None:
+    def _code_value(
+        self, where: str, name: str, value: Any, verb: str = "has", *, owner: str | None = None, module_global: bool = False
+    ) -> None:
         """Feed a value user code reaches; a failure names where it was reached.
 
+        A mutable container that a module file starts empty (``_CACHE = {}``, a registry, a list
+        of calls) counts by its type: it is state that code fills as it runs, so a first call
+        would fingerprint unlike the next ones (see :func:`_is_module_state`).
         Code typed in the notebook must have fingerprintable globals (the user can fix that).
         Code from a module file often keeps a lock, a logger or a cache in a global; such a
         value counts by its type, and is listed in :func:`fingerprint_untracked`.
         """
+        if module_global and _is_module_state(value, owner, name):
+            self.tag("module-state")
+            self.klass(type(value))
+            return
         child = _sub_hasher(self)
         try:
             child.value(value)
@@ -1155,6 +1168,182 @@ def code_global_names(code: types.CodeType) -> set[str]:
     return set(known)
 
 
+def code_global_stores(code: types.CodeType) -> set[str]:
+    """Global names a code object (and its nested code) assigns or deletes (``global n; n = 1``).
+
+    Examples
+    --------
+    >>> def f():
+    ...     global calls
+    ...     calls = calls + 1
+    >>> code_global_stores(f.__code__)
+    {'calls'}
+    """
+    memo = _code_memo("stores")
+    known = memo.get(code)
+    if known is None:
+        import dis
+
+        names = {ins.argval for ins in dis.get_instructions(code) if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")}
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                names |= code_global_stores(const)
+        known = memo[code] = frozenset(names)
+    return set(known)
+
+
+def function_globals(fn: types.FunctionType) -> set[str]:
+    """The globals that count for a user function: the names its code reads that its module
+    defines, less those its own code assigns.
+
+    Examples
+    --------
+    >>> calls = 0
+    >>> def f(x):
+    ...     global calls
+    ...     calls += 1
+    ...     return x + offset
+    >>> offset = 1
+    >>> sorted(function_globals(f))
+    ['offset']
+
+    A global the function assigns itself (a call counter, a model it loads once, ``global np;
+    import numpy as np``) is state it keeps, which its first call changes, not an input: counting
+    it would make every call after the first a miss. The same holds for what the functions of its
+    module that it calls assign (a ``setup()`` that binds ``tokenizer``), followed through the
+    module's globals.
+    """
+    module_globals = fn.__globals__
+    written: set[str] = set()
+    seen: dict[int, Any] = {}
+    todo = [fn]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen[id(current)] = current
+        written |= code_global_stores(current.__code__)
+        for name in code_global_names(current.__code__):
+            value = module_globals.get(name)
+            if isinstance(value, types.FunctionType) and value.__globals__ is module_globals:
+                todo.append(value)
+    return {name for name in code_global_names(fn.__code__) if name in module_globals and name not in written}
+
+
+def function_parts(fn: Any) -> dict[str, str]:
+    """Digests of the parts a user function's fingerprint is made of, so that a why-line can
+    say what changed when its source did not: ``code``, ``defaults``, ``closure``,
+    ``global:<name>`` for each global it uses, ``import:<module>`` for what its body imports
+    (the version, or ``source`` and a digest for a local module). Empty for other callables.
+
+    Examples
+    --------
+    >>> def f(x):
+    ...     return x + 1
+    >>> sorted(function_parts(f))
+    ['code', 'defaults']
+    """
+    if not isinstance(fn, types.FunctionType) or not _is_user_function(fn):
+        return {}
+    parts = {"code": code_digest(fn.__code__)}
+    pieces: list[tuple[str, Callable[[Hasher], None]]] = [
+        ("defaults", lambda h: h.value((fn.__defaults__, fn.__kwdefaults__))),
+    ]
+    if fn.__closure__:
+        pieces.append(("closure", lambda h: h.value(_closure(fn))))
+    for name in sorted(function_globals(fn)):
+        value = fn.__globals__[name]
+        pieces.append((f"global:{name}", lambda h, n=name, v=value: h._code_value("", n, v, owner=fn.__module__, module_global=True)))
+    for key, feed in pieces:
+        h = Hasher()
+        try:
+            feed(h)
+        except Exception:  # noqa: BLE001 - a part that cannot be hashed is left unnamed
+            continue
+        parts[key] = h.hexdigest()
+    for name in sorted(code_imports(fn.__code__, fn.__globals__.get("__package__"))):
+        found = import_version(name)
+        parts[f"import:{name}"] = "none" if found is None else f"source {found[1]}" if found[0] == "source" else str(found[1])
+    return parts
+
+
+def import_version(module_name: str) -> Any:
+    """What a module that a function imports in its body counts by, the same before and after
+    its first import (the first call imports it; the next ones must fingerprint alike).
+
+    A library by its distribution and version (``None`` for the standard library); user code
+    (a local module, an editable install) by the source of its file, found as the import system
+    would find it, without importing it. A file edited but not reloaded reads as a change: a
+    needless re-run, never a stale hit (the code that ran is also a dependency of the step).
+    """
+    path = _import_path(module_name)
+    top = module_name.partition(".")[0]
+    if path is not None and top != _THIS_PACKAGE and _is_user_path(top, path):
+        return ("source", _file_source_digest(path))
+    return distribution_version(module_name)
+
+
+def _import_path(module_name: str) -> str | None:
+    """The real path of the file a module is (or would be) loaded from; ``None`` when unknown.
+    Parent packages are searched, never imported."""
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    module = sys.modules.get(module_name)
+    if module is not None:
+        return _module_path(module)
+    parts = module_name.split(".")
+    try:
+        parent = sys.modules.get(parts[0])
+        spec = parent.__spec__ if parent is not None else importlib.util.find_spec(parts[0])
+        for i in range(1, len(parts)):
+            name = ".".join(parts[: i + 1])
+            loaded = sys.modules.get(name)
+            if loaded is not None:
+                spec = loaded.__spec__
+                continue
+            search = getattr(spec, "submodule_search_locations", None)
+            if not search:
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, list(search))
+    except (ImportError, ValueError, AttributeError):
+        return None
+    origin = getattr(spec, "origin", None)
+    if origin and os.path.isabs(origin):
+        return os.path.realpath(origin)
+    folders = list(getattr(spec, "submodule_search_locations", None) or [])
+    return os.path.realpath(folders[0]) if folders else None
+
+
+_SOURCE_DIGESTS: dict[tuple, str | None] = {}
+
+
+def _file_source_digest(path: str) -> str | None:
+    """A module file by its normalised source (comments and blank lines do not count)."""
+    import os
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not os.path.isfile(path):  # a namespace package's folder
+        return None
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _SOURCE_DIGESTS:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            try:
+                text = normalise_source(data.decode("utf-8"))
+            except (UnicodeDecodeError, SyntaxError, ValueError):
+                text = data.decode("latin-1")
+            _SOURCE_DIGESTS[key] = combine(text)
+        except OSError:
+            _SOURCE_DIGESTS[key] = None
+    return _SOURCE_DIGESTS[key]
+
+
 def source_of(code: types.CodeType) -> str | None:
     """The dedented source of a code object (a function's ``__code__``), or ``None``."""
     try:
@@ -1290,6 +1479,7 @@ class _Metadata:
         self._files: dict[str, frozenset[str]] = {}
         self._editable: dict[str, bool] = {}
         self._versions: dict[str, tuple[str, str] | None] = {}
+        self._provides: dict[tuple[str, str], bool] = {}
 
     def distributions_of(self, top: str) -> list[str]:
         return sorted(set(self.top_level.get(top, ())))
@@ -1325,6 +1515,21 @@ class _Metadata:
             self._editable[name] = known
         return known
 
+    def provides(self, name: str, module_name: str) -> bool:
+        """Whether a distribution's RECORD holds the module ``a.b`` (``a/b.py`` or ``a/b/...``)."""
+        key = (name, module_name)
+        known = self._provides.get(key)
+        if known is None:
+            import importlib.metadata
+
+            rel = module_name.replace(".", "/")
+            try:
+                files = [str(f).replace("\\", "/") for f in importlib.metadata.distribution(name).files or ()]
+            except Exception:
+                files = []
+            known = self._provides[key] = any(f.startswith(rel + "/") or f.startswith(rel + ".") for f in files)
+        return known
+
     def version_of(self, module_name: str) -> tuple[str, str] | None:
         if module_name in self._versions:
             return self._versions[module_name]
@@ -1332,10 +1537,10 @@ class _Metadata:
 
         top = module_name.partition(".")[0]
         names = self.distributions_of(top)
-        if len(names) > 1:  # a namespace package several distributions share: the file's owner
-            module = sys.modules.get(module_name)
-            path = _module_path(module) if module is not None else None
-            names = [n for n in names if path in self.files_of(n)] or names
+        if len(names) > 1:  # a namespace package several distributions share: the module's owner
+            # by the module's path in each RECORD, whether or not it is imported yet (a body
+            # that imports it must not change what it counts by)
+            names = [n for n in names if self.provides(n, module_name)] or names
         found = None
         for name in names:
             try:
@@ -1569,6 +1774,69 @@ def _is_plain(value: Any, depth: int = 0) -> bool:
         return all(_is_plain(v, depth + 1) for v in value)
     if isinstance(value, dict):
         return all(_is_plain(k, depth + 1) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+_MUTABLE_CONTAINERS = (dict, list, set, bytearray)
+_EMPTY_CONSTRUCTORS = frozenset({"dict", "list", "set", "bytearray", "defaultdict", "OrderedDict", "Counter", "deque"})
+
+
+def _is_module_state(value: Any, owner: str | None, name: str) -> bool:
+    """A mutable container that a module file binds to an empty one at its top level
+    (``_CACHE = {}``, ``_seen = set()``, ``calls = []``): what that module's code fills as it
+    runs, not what the step computes from. A container the file fills itself (a ``LABELS``
+    table) is configuration and counts by content; the notebook's own data always does."""
+    if owner is None or owner in ("__main__", "__mp_main__") or owner.startswith("__ipython"):
+        return False
+    if not isinstance(value, _MUTABLE_CONTAINERS):
+        import collections
+
+        if not isinstance(value, collections.deque):
+            return False
+    module = sys.modules.get(owner)
+    path = getattr(module, "__file__", None)
+    return isinstance(path, str) and name in _empty_at_top_level(path)
+
+
+_EMPTY_NAMES: dict[tuple, frozenset[str]] = {}
+
+
+def _empty_at_top_level(path: str) -> frozenset[str]:
+    """Names a module file binds to an empty container at its top level (read once per version of the file)."""
+    import os
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return frozenset()
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _EMPTY_NAMES:
+        names: set[str] = set()
+        try:
+            with open(path, "rb") as f:
+                tree = ast.parse(f.read())
+        except (OSError, SyntaxError, ValueError):
+            tree = ast.Module(body=[], type_ignores=[])
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            value = getattr(node, "value", None)
+            if value is not None and _is_empty_container(value):
+                names.update(t.id for t in targets if isinstance(t, ast.Name))
+        _EMPTY_NAMES[key] = frozenset(names)
+    return _EMPTY_NAMES[key]
+
+
+def _is_empty_container(node: ast.AST) -> bool:
+    if isinstance(node, ast.Dict):
+        return not node.keys
+    if isinstance(node, (ast.List, ast.Set)):
+        return not node.elts
+    if isinstance(node, ast.Call) and not node.keywords:
+        func = node.func
+        called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+        if called not in _EMPTY_CONSTRUCTORS:
+            return False
+        return not node.args or (called == "defaultdict" and len(node.args) == 1)
     return False
 
 

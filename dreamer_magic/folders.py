@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import DreamerError, InvalidNameError
+from .integrity import unsafe_paths
 
 NAME_RULE = (
     "a name must be 1-100 characters of letters, digits, space, '_', '-' or '.', "
@@ -449,6 +450,9 @@ def read_meta(folder: Path, meta_file: str) -> tuple[dict | None, str | None]:
     shape = meta_shape_problem(meta)
     if shape is not None:
         return None, f"{meta_file} is damaged: {shape}"
+    outside = unsafe_paths(meta)  # never probe a path that leads outside the folder
+    if outside:
+        return None, f"{meta_file} is refused: {outside}"
     for name, entry in (meta.get("outputs") or {}).items():
         rel = entry.get("path") if isinstance(entry, dict) else None
         if rel and not (folder / rel).exists():

@@ -16,7 +16,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Unicode, observe
+from traitlets import Bool, CaselessStrEnum, Unicode, observe
 
 from . import steps
 from .errors import DreamerError
@@ -52,6 +52,14 @@ class DreamerMagics(Magics):
     ).tag(config=True)
     allow_pickle = Bool(
         True, help="Load outputs that were saved with pickle. Set False to refuse pickles from folders you do not trust."
+    ).tag(config=True)
+    verify = CaselessStrEnum(
+        ["digest", "size"],
+        default_value="digest",
+        help="What a hit checks of the files a step wrote before loading them: 'digest' (sizes and xxh3 content "
+        "digests at memory speed; a file this kernel already hashed, with the same inode, size, mtime and ctime, "
+        "is not hashed again) or 'size' (sizes only: faster on huge outputs, blind to a changed byte of the same "
+        "size). A mismatch is a miss that sets the damaged folder aside.",
     ).tag(config=True)
     replay = Bool(True, help="Replay a step's recorded output (prints, plots, HTML) when it is loaded from disk.").tag(config=True)
     remote = Unicode(
@@ -180,6 +188,7 @@ class DreamerMagics(Magics):
             force=args.force,
             replay=self.replay and not args.no_replay,
             allow_pickle=self.allow_pickle,
+            verify=self.verify.lower(),
             exclude=self._hidden_names(),
             files=[f.strip() for f in (args.files or "").split(",") if f.strip()],
             started=started,
@@ -330,8 +339,12 @@ class DreamerMagics(Magics):
         mirror = sys.modules.get("dreamer_magic.remote")
         if mirror is not None and mirror.get_remote() is not None:
             remote = mirror.get_remote()
-            remote.flush()  # pending segments first, so that the compaction includes them
-            merged, saved = mirror.compact_all(remote)
+            remote.flush(mirror.FLUSH_ON_EXIT)  # pending segments first, so that the compaction includes them
+            try:
+                merged, saved = mirror.compact_all(remote)
+            except Exception as e:  # noqa: BLE001 - an unreachable remote: the local gc is done, say why not the rest
+                print(f"remote: segments not compacted ({type(e).__name__}: {e}); run `%dreamer gc` again when it is reachable")
+                return
             print(f"remote: compacted {merged} generation-cache segment{'s' if merged != 1 else ''}, freed {human_size(saved)}")
 
 

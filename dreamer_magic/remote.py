@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import DreamerError
-from .folders import BACKUPS, file_digest, read_meta, tree_digest
+from .folders import BACKUPS, file_digest, meta_shape_problem, read_meta, tree_digest
+from .integrity import DIGEST
 
 INSTALL_HINT = (
     "a remote output folder needs fsspec and the driver of its filesystem: "
@@ -185,6 +186,26 @@ def is_meta(rel: str) -> bool:
     return parts[-1] in META_FILES and not any(p.startswith("_") for p in parts[:-1])
 
 
+def inside(rel: Any) -> bool:
+    """Whether ``rel`` (a path a remote listing, marker or metadata file names) stays inside its
+    folder: relative, no ``..``, no empty part, no backslash. Someone else's bucket decides these
+    names, and a pull must never write (or read) outside the folder it is pulling.
+
+    Examples
+    --------
+    >>> inside("_dataset/data-00000.arrow"), inside("_outputs/../../x"), inside("/etc/passwd")
+    (True, False, False)
+    """
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel or rel.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+def _outside(names: Iterable[Any]) -> str | None:
+    """The first of ``names`` that points outside its folder, or ``None``."""
+    return next((str(n) for n in names if not inside(n)), None)
+
+
 def verify(folder: Path, meta: dict, sizes: dict[str, int] | None = None) -> str | None:
     """Check a pulled folder against what its metadata recorded; ``None`` when it is whole.
 
@@ -192,11 +213,20 @@ def verify(folder: Path, meta: dict, sizes: dict[str, int] | None = None) -> str
     one, else each output's ``digest`` of its files; ``sizes`` (the remote listing) are checked
     against the files on disk either way.
     """
+    shape = meta_shape_problem(meta)
+    if shape is not None:  # what read_meta refuses locally is no hit from the remote either
+        return f"its metadata is damaged: {shape}"
+    record = meta.get("files")
+    named = [*(sizes or {}), *(record if isinstance(record, dict) else [])]
+    named += [i.get("path") for i in (record if isinstance(record, list) else []) if isinstance(i, dict) and "path" in i]
+    named += [e.get("path") for e in (meta.get("outputs") or {}).values() if isinstance(e, dict) and e.get("path")]
+    bad = _outside(named)
+    if bad is not None:
+        return f"it names a file outside its folder ({bad!r})"
     for rel, size in (sizes or {}).items():
         path = folder / rel
         if not path.is_file() or path.stat().st_size != size:
             return f"{rel} is not the size the remote listed"
-    record = meta.get("files")
     if isinstance(record, dict):
         record = [{"path": k, **(v if isinstance(v, dict) else {})} for k, v in record.items()]
     if isinstance(record, list) and record:
@@ -208,7 +238,8 @@ def verify(folder: Path, meta: dict, sizes: dict[str, int] | None = None) -> str
                 return f"{item['path']} is missing"
             if item.get("size") is not None and path.stat().st_size != int(item["size"]):
                 return f"{item['path']} has another size than recorded"
-            if item.get("digest") and file_digest(path) != item["digest"]:
+            expected = item.get("digest") or item.get(DIGEST)  # step.json's record says "xxh3_128"
+            if expected and file_digest(path) != expected:
                 return f"{item['path']} has another digest than recorded"
         return None
     for name, entry in (meta.get("outputs") or {}).items():
@@ -400,16 +431,19 @@ class Remote:
         if meta is None:
             return False  # changed again (or removed) since it committed: a later push follows
         meta_bytes = (local / meta_file).read_bytes()
+        self._refuse_other_kind(rel, meta_file)
         remote_meta = self.read_json(f"{rel}/{meta_file}")
         if remote_meta == meta or (only_if_absent and remote_meta is not None):
             return False  # there already, or another machine committed a newer version: not ours to replace
-        if remote_meta is not None and isinstance(remote_meta.get("fingerprint"), str):
+        if remote_meta is not None and isinstance(remote_meta.get("fingerprint"), str) and meta_shape_problem(remote_meta) is None:
             self.backup_remote(rel, meta_file, remote_meta)
+        elif meta_file in self.listing(rel):  # a damaged step.json: kept aside, as a local damaged folder is
+            self.backup_remote(rel, meta_file, remote_meta or {}, key=f"incomplete-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
         self.delete(f"{rel}/{meta_file}")  # the remote step is absent from here on...
         files = [f for f in commit_order(local_files(local)) if f != meta_file]
         self.upload(local, rel, files, task)
         if meta_file == "trainer.json":  # a finished trainer's checkpoints are complete: mark them so
-            marked = set(self.complete_checkpoints(rel))
+            marked = set(self.complete_checkpoints(rel, meta["fingerprint"]))
             for folder in checkpoint_folders(local):
                 in_trainer = folder.relative_to(local).as_posix()
                 if in_trainer not in marked:
@@ -427,12 +461,28 @@ class Remote:
             task.files_done = task.files_total
         return True
 
-    def backup_remote(self, rel: str, meta_file: str, remote_meta: dict) -> None:
+    def _refuse_other_kind(self, rel: str, meta_file: str) -> None:
+        """Raise when the remote folder ``rel`` holds the other kind (a trainer where a step is
+        pushed, or the reverse): the push would delete its files as stale, and no backup of the
+        other kind is made. The clash is the user's to resolve (rename one of them)."""
+        listed = self.listing(rel)
+        for other in [f for f in (*META_FILES, ".in-progress.json") if f != meta_file and f in listed]:
+            if meta_file == "trainer.json" and other == ".in-progress.json":
+                continue  # this trainer's own in-progress marker
+            found = self.read_json(f"{rel}/{other}") or {}
+            kind = "step" if other == "step.json" else "trainer"
+            raise DreamerError(
+                f"not pushed: the remote folder {rel!r} holds the {kind} {found.get('name', rel)!r}; "
+                "give one of them another name"
+            )
+
+    def backup_remote(self, rel: str, meta_file: str, remote_meta: dict, key: str | None = None) -> None:
         """Copy the remote folder in place to ``_backups/<name>/<its fingerprint>/`` (server side),
-        metadata last, unless a complete backup with that fingerprint is already there."""
-        key = remote_meta["fingerprint"]
+        metadata last, unless a complete backup with that fingerprint is already there (``key``:
+        another folder name, ``incomplete-<time>`` for a folder with damaged metadata)."""
+        key = key or remote_meta["fingerprint"]
         dest = f"{BACKUPS}/{rel}/{key}"
-        if self.read_json(f"{dest}/{meta_file}") == remote_meta:
+        if key == remote_meta.get("fingerprint") and self.read_json(f"{dest}/{meta_file}") == remote_meta:
             return
         self.delete(f"{dest}/{meta_file}")
         files = commit_order(self.listing(rel))
@@ -495,6 +545,9 @@ class Remote:
         if meta_file not in sizes:
             return "the remote copy is no longer committed"
         files = [f for f in sizes if f != meta_file]
+        bad = _outside(files)
+        if bad is not None:  # a literal S3 key `x/../../y`: never written beside the output folder
+            return f"the remote folder holds a file outside it ({bad!r})"
         if files:
             lpaths = [str(tmp / f) for f in files]
             for lp in lpaths:
@@ -590,7 +643,7 @@ class Remote:
         with contextlib.suppress(FileNotFoundError):
             if self.read_json(f"{trainer_rel}/{marker_file}") != _read_local_json(local / marker_file):
                 self.write_bytes(f"{trainer_rel}/{marker_file}", (local / marker_file).read_bytes())
-        done = set(self.complete_checkpoints(trainer_rel))
+        done = set(self.complete_checkpoints(trainer_rel, fp))
         pushed = []
         for folder in sorted(checkpoint_folders(local), key=_checkpoint_number):
             rel_in_trainer = folder.relative_to(local).as_posix()
@@ -614,14 +667,19 @@ class Remote:
         }
         self.write_bytes(f"{rel}/{CHECKPOINT_MARKER}", json.dumps(record, indent=2).encode())
 
-    def complete_checkpoints(self, trainer_rel: str) -> list[str]:
+    def complete_checkpoints(self, trainer_rel: str, fingerprint: str | None = None) -> list[str]:
         """Checkpoints (``_checkpoints/checkpoint-N``, relative to the trainer folder) whose upload
-        finished, i.e. that hold ``upload_complete.json``; oldest first."""
+        finished, i.e. that hold ``upload_complete.json``; oldest first. With ``fingerprint``, only
+        those of that run: a push killed while it removed another run's checkpoints leaves some of
+        their markers behind, and those are neither resumed from nor taken for this run's."""
         found = []
         for f in self.listing(trainer_rel):
             parts = f.split("/")
-            if parts[0] == "_checkpoints" and parts[-1] == CHECKPOINT_MARKER and re.fullmatch(r"checkpoint-\d+", parts[-2]):
+            shaped = len(parts) == 3 or (len(parts) == 4 and parts[1].startswith("trainer-"))  # as checkpoint_folders
+            if shaped and inside(f) and parts[0] == "_checkpoints" and parts[-1] == CHECKPOINT_MARKER and re.fullmatch(r"checkpoint-\d+", parts[-2]):
                 found.append("/".join(parts[:-1]))
+        if fingerprint is not None:
+            found = [n for n in found if (self.read_json(f"{trainer_rel}/{n}/{CHECKPOINT_MARKER}") or {}).get("fingerprint") == fingerprint]
         return sorted(found, key=lambda n: _checkpoint_number(Path(n)))
 
     def pull_checkpoint(self, trainer_rel: str, rel_in_trainer: str, local_trainer: Path) -> str | None:
@@ -633,6 +691,11 @@ class Remote:
         if record is None:
             return "no completion marker"
         files = record.get("files") or {}
+        if not isinstance(files, dict):
+            return "its completion marker is damaged"
+        bad = _outside(files)
+        if bad is not None:
+            return f"its completion marker names a file outside it ({bad!r})"
         final = local_trainer.joinpath(*rel_in_trainer.split("/"))
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -767,9 +830,19 @@ def decode_rows(data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]] | No
         return None
     if not isinstance(header, dict) or header.get("segment") != 1 or not data.endswith(b"\n"):
         return None
-    for row in rows:
+    replaces = header.get("replaces", [])
+    if not isinstance(replaces, list) or not all(isinstance(n, str) for n in replaces):
+        return None
+    for row in rows:  # another machine's (or a hand's) bytes: a row that is not one spoils the segment
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+            return None
         if row.pop("binary", False):
-            row["response"] = bytes.fromhex(row["response"])
+            try:
+                row["response"] = bytes.fromhex(row["response"])
+            except (TypeError, ValueError):
+                return None
+        if not all(v is None or isinstance(v, (str, int, float, bytes)) for v in row.values()):
+            return None
     return header, rows
 
 
@@ -837,7 +910,17 @@ def compact_all(remote: Remote) -> tuple[int, int]:
 LEASES = ".locks"  # <remote>/.locks/<name>.lease, as the local .locks/<name>.lock
 # Seconds a lease lasts unless renewed (renewed every third of it while held): how long a machine
 # waits for the lease of one that died. DREAMER_LEASE_TTL overrides it (shorter on a fast network).
-LEASE_TTL = float(os.environ.get("DREAMER_LEASE_TTL") or 30.0)
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment, else ``default`` (a typo never breaks
+    ``import``: ``%dreamer remote`` would show a traceback instead of working)."""
+    try:
+        value = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+LEASE_TTL = _env_seconds("DREAMER_LEASE_TTL", 30.0)
 LEASE_POLL = 1.0  # seconds between tries while another machine holds a lease
 
 
@@ -871,13 +954,23 @@ class Lease:
         return json.dumps({"machine": self.remote.machine, "token": self.token, "expires": time.time() + self.ttl, "ttl": self.ttl}).encode()
 
     def _read(self) -> tuple[dict | None, str | None]:
+        """The lease in the bucket and its ETag, ``(None, None)`` when there is none. A lease that
+        is not one (garbage, a hand edit, ``expires`` not a number) counts as expiring one ttl
+        after it was last written: a waiting machine takes it over then, never waits forever."""
         path = self.remote.path(self.rel)
         try:
-            etag = retry(lambda: self.remote.fs.info(path)).get("ETag") if self._conditional else None
-            data = json.loads(retry(lambda: self.remote.fs.cat_file(path)))
-        except (FileNotFoundError, ValueError):
+            info = retry(lambda: self.remote.fs.info(path))
+            raw = retry(lambda: self.remote.fs.cat_file(path))
+        except FileNotFoundError:
             return None, None
-        return (data if isinstance(data, dict) else None), etag
+        etag = info.get("ETag") if self._conditional else None
+        try:
+            data = json.loads(raw)
+            if isinstance(data, dict) and isinstance(data.get("expires", 0), (int, float)) and not isinstance(data.get("expires"), bool):
+                return data, etag
+        except ValueError:
+            pass
+        return {"machine": "an unreadable lease", "expires": _modified(info) + self.ttl}, etag
 
     def _put(self, **kwargs: Any) -> None:
         out = retry(lambda: self.remote.fs.pipe_file(self.remote.path(self.rel), self._body(), **kwargs))
@@ -934,6 +1027,17 @@ class Lease:
         if current is not None and current.get("token") == self.token:
             with contextlib.suppress(Exception):
                 self.remote.delete(self.rel)
+
+
+def _modified(info: dict) -> float:
+    """When an object was last written (epoch seconds) from an fsspec ``info()``; now if unknown."""
+    for key in ("LastModified", "mtime", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return time.time()
 
 
 # -- %dreamer status ----------------------------------------------------------------------------

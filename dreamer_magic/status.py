@@ -447,6 +447,8 @@ class Status:
     # the card names it without repeating the message
     error_shown_below: bool = False
     notes: list[str] = field(default_factory=list)
+    # what a hit checked of the saved files: "digest", "size", or None (saved before file records)
+    verified: str | None = None
     progress: Progress | None = None  # what the body reports while it runs (a tqdm bar)
     # trainers only
     step: int | None = None

@@ -29,13 +29,14 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from . import __version__, events
 from .cell import analyze, line_changes, loop_names
-from .errors import DreamerError, FingerprintError, PickleRefusedError, StorageError
+from .errors import DamagedResultError, DreamerError, FingerprintError, PickleRefusedError, StorageError
 from .fingerprint import (
     FORMAT_VERSION,
     LINEAGE,
     combine,
     distribution_version,
     fingerprint,
+    function_parts,
     is_user_module,
     normalise_source,
     package_version,
@@ -43,6 +44,7 @@ from .fingerprint import (
 )
 from .folders import OutputFolder, get_output_folder, now_iso, read_json, read_meta, tree_digest, validate_name, write_json_atomic
 from .folders import WRITE_REFUSED, interrupts_deferred, saving_into
+from .integrity import RECORD, check_links, check_mode, record_files, tree_digest_of, verify_record
 from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status, value_preview
 
 STEP_FILE = "step.json"
@@ -97,6 +99,7 @@ class StepSpec:
     force: bool = False
     replay: bool = True
     allow_pickle: bool = True
+    verify: str = "digest"  # what a hit checks of the saved files: "digest" (sizes and contents) or "size"
     kind: str = "step"
     extra: dict[str, Any] = field(default_factory=dict)  # more fingerprint components (decorator args)
     files: list[str] = field(default_factory=list)  # --files: what the body reads that a trace cannot see
@@ -170,9 +173,7 @@ def input_previews(inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, value in inputs.items():
         try:
             if inspect.isfunction(value):
-                source = _function_source(value)
-                if not source.startswith("<function"):
-                    out[name] = {"source": source[:4000], "line": value.__code__.co_firstlineno}
+                out[name] = _function_preview(value)
                 continue
             preview = value_preview(value)
         except Exception:  # noqa: BLE001 - a preview is a courtesy, never a failure
@@ -182,11 +183,58 @@ def input_previews(inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _function_preview(fn: Callable) -> dict[str, Any]:
+    """A function input's preview: its name, its source (a notebook function) and the digests of
+    its parts (:func:`~dreamer_magic.fingerprint.function_parts`), for a why-line that names it
+    and says what changed."""
+    preview: dict[str, Any] = {"name": getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "?")}
+    source = _function_source(fn)
+    if not source.startswith("<function"):
+        preview.update(source=source[:4000], line=fn.__code__.co_firstlineno)
+    try:
+        preview["parts"] = function_parts(fn)
+    except Exception:  # noqa: BLE001 - a preview is a courtesy, never a failure
+        pass
+    return preview
+
+
+def _part_changes(old: dict, new: dict) -> list[str]:
+    """What changed among a function's parts, in words (its code is told by changed lines)."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key) or key == "code":
+            continue
+        kind, _, what = key.partition(":")
+        if kind == "global":
+            state = "is new" if key not in old else "is gone" if key not in new else "changed"
+            lines.append(f"the global `{what}` it uses {state}")
+        elif kind == "import":
+            before, after = old.get(key), new.get(key)
+            if before and after and not before.startswith("source") and not after.startswith("source"):
+                lines.append(f"the module `{what}` it imports: `{before}` → `{after}`")
+            else:
+                lines.append(f"the module `{what}` it imports changed")
+        elif kind == "defaults":
+            lines.append("its default arguments changed")
+        elif kind == "closure":
+            lines.append("a value it closes over changed")
+    if old.get("code") != new.get("code") and old.get("code") and new.get("code") and not lines:
+        lines.append("its code changed")
+    return lines
+
+
 def _input_reason(name: str, old: dict, new: dict) -> Reason:
-    """``input `n` changed: `3` → `4```, or a changed function with the lines that changed."""
-    if "source" in old and "source" in new:
-        changes = line_changes(old["source"], new["source"], first_line=int(new.get("line") or 1))
-        return Reason("function {subject} changed", "input", subject=name, lines=(Reason.code_line(*c) for c in changes))
+    """``input `n` changed: `3` → `4```, or a changed function (named as the user named it: the
+    decorated function of a ``@step``) with the lines or the parts that changed."""
+    if "name" in new or ("source" in old and "source" in new):
+        subject = str(new.get("name") or name) if name == "function" else name
+        lines: list = []
+        if "source" in old and "source" in new:
+            changes = line_changes(old["source"], new["source"], first_line=int(new.get("line") or 1))
+            lines = [Reason.code_line(*c) for c in changes]
+        if not lines:
+            lines = _part_changes(old.get("parts") or {}, new.get("parts") or {})
+        return Reason("function {subject} changed", "input", subject=subject, lines=lines)
     before, after = old.get("value"), new.get("value")
     if before is not None and after is not None and before != after:
         return Reason.input_changed(name, before, after)
@@ -399,6 +447,7 @@ class StepRun:
         self.meta: dict | None = None  # step.json of the result loaded
         self.cell_info: Any = None  # the cell analysis (cell steps), for notes on what it cannot analyse
         self.started: float | None = None  # perf_counter() when the cell began (the magic's entry)
+        self.damaged: list[Reason] = []  # saved results with this fingerprint found damaged and set aside
         self.load_from: Path | None = None  # a backup loaded where it is (a read-only output folder)
         self.committed = False  # the new result is in place (an interrupt after this loses nothing)
         # Where this step's folder and its backups live: the output folder, or for a nested
@@ -486,18 +535,23 @@ class StepRun:
             recorded = read_json(self.final / meta_file)
             if recorded is None:
                 continue
-            name = recorded.get("name")
-            if (isinstance(name, str) and name != self.spec.name) or kind != self.spec.kind:
-                other = f"the {kind} {name!r}" if isinstance(name, str) else f"a {kind}"
-                message = (
-                    f"the {self.spec.kind} {self.spec.name!r} and {other} map to the same folder "
-                    f"{self.folder_name!r} (names are lower-cased and spaces become '-'), which holds the "
-                    f"result of {other}: give this {self.spec.kind} another name, or, if it is the same one "
-                    "renamed, run it once with --force (the old result goes to _backups)"
-                )
-                self.status.state, self.status.error = FAILED, message
-                raise DreamerError(message)
+            self._refuse_clash_with(recorded, kind)
             return
+
+    def _refuse_clash_with(self, recorded: dict, kind: str) -> None:
+        """Raise the name-clash error when ``recorded`` (a folder's metadata, local or remote)
+        was written by another name or kind than this one."""
+        name = recorded.get("name")
+        if (isinstance(name, str) and name != self.spec.name) or kind != self.spec.kind:
+            other = f"the {kind} {name!r}" if isinstance(name, str) else f"a {kind}"
+            message = (
+                f"the {self.spec.kind} {self.spec.name!r} and {other} map to the same folder "
+                f"{self.folder_name!r} (names are lower-cased and spaces become '-'), which holds the "
+                f"result of {other}: give this {self.spec.kind} another name, or, if it is the same one "
+                "renamed, run it once with --force (the old result goes to _backups)"
+            )
+            self.status.state, self.status.error = FAILED, message
+            raise DreamerError(message)
 
     def _decide_and_go(self, components: dict, fp: str, started: float) -> dict[str, Any]:
         __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
@@ -513,11 +567,15 @@ class StepRun:
                     return self._load(self.load_from or self.final, found, state, started)
                 except PickleRefusedError:
                     raise
+                except DamagedResultError as e:  # never a hit, never a backup under its fingerprint
+                    self._set_aside(self.home, self.load_from or self.final, self.key, e, backup=self.load_from is not None)
                 except StorageError as e:
                     problem = f"the saved result could not be loaded ({e}); running again"
                     meta = None
         if spec.force:
             status.reasons = [Reason.force()]
+        elif self.damaged:
+            status.reasons = list(self.damaged)
         elif changed and meta is not None and meta.get("fingerprint") == fp:
             status.reasons = changed
         else:
@@ -536,7 +594,7 @@ class StepRun:
         if current is not None and current.get("fingerprint") == fp and self._dependencies_hold(current, changed):
             yield LOADED, current
         found = self.home.find_backup(self.key, fp, self.meta_file)
-        if found is not None and self._dependencies_hold(found[1], changed):
+        if found is not None and self._dependencies_hold(found[1], changed) and self._intact(found[0], found[1]):
             try:
                 restored = self.home.restore(self.key, fp, self.meta_file)
             except OSError as e:  # a read-only output folder: load the backup where it is
@@ -569,6 +627,12 @@ class StepRun:
             return None
         try:
             found = remote.find(self.name_path, fp, self.meta_file)
+        except Exception as e:  # noqa: BLE001 - an unreachable remote is a miss, never a failed cell
+            self.status.notes.append(f"the remote copy was not used: {type(e).__name__}: {e}")
+            return None
+        if found is not None:  # another name's result (`My Step` for `my-step`): refused as locally
+            self._refuse_clash_with(found[1], self.spec.kind)
+        try:
             if found is None or not self._dependencies_hold(found[1], changed):
                 return None
             where, meta = found
@@ -651,6 +715,37 @@ class StepRun:
             only_if_absent=status.state == LOADED,
         )
 
+    def _check_saved(self, folder: Path, meta: dict) -> None:
+        """Before anything of a saved result is read: no symlink in it leads outside, and its
+        files are the ones the step wrote (sizes, and digests unless ``verify="size"``).
+        ``status.verified`` says what was checked (``None``: saved before file records)."""
+        check_links(folder)
+        entries = meta.get("outputs") or {}
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+            raise DamagedResultError(f"the outputs in {self.meta_file} are not readable")
+        listed = [e["path"] for e in entries.values() if e.get("storage") == "pretrained" and isinstance(e.get("path"), str)]
+        self.status.verified = verify_record(folder, meta, mode=self.spec.verify, listed=listed, skip=[self.meta_file])
+
+    def _intact(self, folder: Path, meta: dict) -> bool:
+        """Whether a backup passes :meth:`_check_saved`; a damaged one is set aside, never restored."""
+        try:
+            self._check_saved(folder, meta)
+        except DamagedResultError as e:
+            self._set_aside(self.home, folder, self.key, e, backup=True)
+            return False
+        return True
+
+    def _set_aside(self, home: OutputFolder, folder: Path, key: str, error: Exception, *, backup: bool = False) -> None:
+        """Move a damaged result to ``_backups/<name>/incomplete-…`` (kept for a person to look
+        at, never loaded or restored) and say why in the status."""
+        try:
+            where = home.move_to_backup(folder, key, self.meta_file, damaged=True)
+            kept = f"; it was set aside in {where}" if where else ""
+        except OSError as e:  # a read-only output folder, say: it stays where it is, unused
+            kept = f"; it could not be set aside ({e.strerror or e})"
+        what = "a backup with this fingerprint" if backup else "the saved result"
+        self.damaged.append(Reason.problem(f"{what} is damaged: {error}{kept}"))
+
     def _code_changes(self, meta: dict | None) -> list[Reason]:
         """Which functions outside the notebook changed since the saved run (a changed module
         input says only "input `helpers` changed"; this names ``helpers.clean``)."""
@@ -719,6 +814,7 @@ class StepRun:
 
     def _load(self, folder: Path, meta: dict, state: str, started: float) -> dict[str, Any]:
         status = self.status
+        self._check_saved(folder, meta)
         entries = meta.get("outputs") or {}
         self.entries = entries
         self.meta = meta
@@ -736,6 +832,7 @@ class StepRun:
         status.duration = load_time
         if state == RESTORED:
             status.reasons = [Reason.restored()]
+        status.notes.extend(self.damaged)  # loaded another copy: say what was set aside
         if self.spec.replay:
             replay_path = folder / REPLAY_FILE
             if replay_path.exists():
@@ -879,16 +976,18 @@ class StepRun:
 
         assert self.tmp is not None
         entries = save_outputs(values, self.tmp)
-        for entry in entries.values():
-            if entry.get("path"):
-                entry["digest"] = tree_digest(self.tmp / entry["path"])
         record_inherited_lineage(values, entries)
         self.entries = entries
         for name, reason in getattr(entries, "not_saved", {}).items():  # storage skipped it: say so
             self.status.notes.append(not_saved_note(name, reason))
         self._write_rng(self.tmp)
         write_replay(self.tmp, records)
+        files = record_files(self.tmp, skip=[self.meta_file])
+        for entry in entries.values():
+            if entry.get("path"):  # what the lineage of a saved dataset is keyed by
+                entry["digest"] = tree_digest_of(files, entry["path"]) or tree_digest(self.tmp / entry["path"])
         meta = self.metadata(components, fp, entries, duration)
+        meta[RECORD] = files
         final = self.final
         with interrupts_deferred():  # a commit is never cut in half by Ctrl-C
             moved = self.home.commit(self.tmp, final, self.key, self.meta_file, meta)
@@ -1020,7 +1119,9 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def step(name: str, *, version: str | None = None, force: bool = False, allow_pickle: bool = True) -> Callable:
+def step(
+    name: str, *, version: str | None = None, force: bool = False, allow_pickle: bool = True, verify: str = "digest"
+) -> Callable:
     """Make calling a function a step, keyed by its code, the globals it uses and its arguments.
 
     Examples
@@ -1030,9 +1131,11 @@ def step(name: str, *, version: str | None = None, force: bool = False, allow_pi
     ...     return encoder.encode(texts)
     >>> vectors = embed(["a", "b"])               # runs; later calls with the same arguments load
 
-    Called while another step runs, its folder nests under that step's folder.
+    Called while another step runs, its folder nests under that step's folder. A hit checks the
+    saved files' sizes and digests first (``verify="size"``: sizes only, faster on huge outputs).
     """
     validate_name(name)
+    check_mode(verify)
 
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)
@@ -1056,6 +1159,7 @@ def step(name: str, *, version: str | None = None, force: bool = False, allow_pi
                 version=version,
                 force=force,
                 allow_pickle=allow_pickle,
+                verify=verify,
             )
             return StepRun(spec, execute).run()["result"]
 
@@ -1094,6 +1198,7 @@ def cell_spec(
     kind: str = "step",
     files: list[str] | None = None,
     transform: Callable[[str], str] | None = None,
+    verify: str = "digest",
 ) -> tuple[StepSpec, Any]:
     """Work out a cell's inputs, outputs and libraries: the :class:`StepSpec` and the cell analysis.
 
@@ -1134,6 +1239,7 @@ def cell_spec(
         force=force,
         replay=replay,
         allow_pickle=allow_pickle,
+        verify=check_mode(verify),
         kind=kind,
         files=list(files or []),
         first_line=2,  # the cell's body starts under its %%dreamer_ line

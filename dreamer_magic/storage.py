@@ -39,7 +39,8 @@ socket or database connection, a lock, anything pickle refuses) is skipped:
 :func:`save_outputs` names it in ``not_saved`` with the reason, rather than failing a step
 whose body already ran. A torch tensor comes back on the device it was saved from when that
 device exists here (else on the CPU). Loading code (a pickle, a function's source) is refused
-when ``allow_pickle`` is false, before any output is loaded.
+when ``allow_pickle`` is false, before any output is loaded; whether a file is a pickle is
+decided from its content (:func:`check_files`), never from the entry's word.
 
 Loading gives back the same type and value: DataFrames keep their dtypes, column labels and
 index; datasets come back memory-mapped. pandas, pyarrow, numpy, torch and datasets are
@@ -79,11 +80,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping
 
-from .errors import PickleRefusedError, StorageError
+from .errors import DamagedResultError, PickleRefusedError, StorageError
 from .folders import folder_size, read_json, write_json_atomic
 
 __all__ = [
     "LoadContext",
+    "check_files",
     "STORERS",
     "SavedOutputs",
     "Storer",
@@ -238,8 +240,8 @@ def load_outputs(
     >>> values = load_outputs(folder, step_json["outputs"], allow_pickle=False)  # doctest: +SKIP
 
     With ``allow_pickle`` false, an output whose loading would run saved code (a pickle, a
-    function's source) is refused before any output is loaded. ``namespace`` is the user
-    namespace (see :class:`LoadContext`).
+    function's source, a file that holds a pickle whatever the entry says) is refused before
+    any output is loaded. ``namespace`` is the user namespace (see :class:`LoadContext`).
 
     Raises
     ------
@@ -251,7 +253,9 @@ def load_outputs(
     contexts = {name: LoadContext(allow_pickle, namespace, name) for name in entries}
     for name, entry in entries.items():
         _refuse_code(entry, _storer_for(entry, name), contexts[name])
-    return {name: load_value(folder, entry, context=contexts[name]) for name, entry in entries.items()}
+    for name, entry in entries.items():
+        check_files(folder, entry, contexts[name])
+    return {name: _load_one(folder, entry, contexts[name]) for name, entry in entries.items()}
 
 
 def save_value(
@@ -311,12 +315,18 @@ def load_value(
         ``allow_pickle`` is false.
     """
     folder = Path(folder)
-    path = _entry_path(folder, entry)
     if context is None:
         context = LoadContext(allow_pickle, None, name or PurePosixPath(str(entry.get("path", "?"))).stem)
+    _refuse_code(entry, _storer_for(entry, context.name), context)
+    check_files(folder, entry, context)
+    return _load_one(folder, entry, context)
+
+
+def _load_one(folder: Path, entry: dict, context: LoadContext) -> Any:
+    """One value, once its files have been checked (:func:`check_files`)."""
+    path = _entry_path(folder, entry)
     name = context.name
     storer = _storer_for(entry, name)
-    _refuse_code(entry, storer, context)
     if not path.exists():
         raise StorageError(
             f"Output {name!r} is missing: {path} does not exist. The step folder is "
@@ -429,6 +439,91 @@ def _refuse_code(entry: dict, storer: Storer, context: LoadContext) -> None:
         f"Output {context.name!r} ({entry.get('type', '?')}) {how}, and loading "
         "pickles is turned off (a pickle can run code when it is loaded). " + _PICKLE_FIX
     )
+
+
+# What each storage writes, by content (:func:`dreamer_magic.integrity.sniff`). A dataset's
+# files are checked one by one (:func:`_dataset_files`); a ``from_pretrained`` folder may hold
+# any format but a pickle when ``allow_pickle`` is false.
+_FORMATS: dict[str, set[str]] = {
+    "pickle": {"pickle"},
+    "npy": {"npy"},
+    "safetensors": {"safetensors"},
+    "state_dict": {"safetensors"},
+    "arrow": {"arrow-file"},
+    "json": {"json"},
+    "function": {"json"},
+    "training_args": {"json"},
+}
+
+
+def check_files(folder: Path, entry: dict, context: LoadContext) -> None:
+    """Check one output's files by what they are, before any output is loaded.
+
+    Examples
+    --------
+    >>> check_files(folder, {"storage": "npy", "path": "_outputs/x.npy"}, LoadContext(False))  # doctest: +SKIP
+
+    A file that is a pickle, or holds one (a torch archive, an ``.npy`` of objects), is refused
+    when ``allow_pickle`` is false, whatever the entry says; a file that is not the format its
+    storage writes is damage. A saved dataset's ``state.json`` must name files inside it.
+
+    Raises
+    ------
+    PickleRefusedError
+        Naming the output, the file and how to allow pickles.
+    DamagedResultError
+        A file of another format than the one saved, or a dataset naming files outside.
+    """
+    from .integrity import PICKLE_FORMATS, describe, files_under, sniff
+
+    path = _entry_path(folder, entry)
+    if not path.exists():
+        return  # load_value names what is missing
+    storage = entry.get("storage")
+    if storage == "dataset":
+        checks = _dataset_files(folder, path, entry)
+    elif storage == "pretrained":
+        checks = [(p, None) for p in files_under(path) if not p.name.startswith(".")]
+    else:
+        checks = [(p, _FORMATS.get(str(storage))) for p in files_under(path)]
+    for file, expected in checks:
+        try:
+            found = sniff(file)
+        except OSError:
+            continue  # missing or unreadable: loading it says so
+        rel = _relative(folder, file)
+        if found in PICKLE_FORMATS and not context.allow_pickle:
+            raise PickleRefusedError(
+                f"Output {context.name!r} ({entry.get('type', '?')}): `{rel}` is {describe(found)}, and loading "
+                "pickles is turned off (a pickle can run code when it is loaded). " + _PICKLE_FIX
+            )
+        if expected is not None and found not in expected:
+            wanted = " or ".join(describe(f) for f in sorted(expected))
+            raise DamagedResultError(f"`{rel}` (output {context.name!r}) is {describe(found)}, not {wanted} as saved")
+
+
+def _dataset_files(folder: Path, path: Path, entry: dict) -> list[tuple[Path, set[str] | None]]:
+    """The files ``load_from_disk`` (or the DataFrame loader) reads, with their formats; the
+    JSON files that name them are checked to stay inside first."""
+    from .integrity import check_dataset_state
+
+    check_dataset_state(path, _relative(folder, path))
+    out: list[tuple[Path, set[str] | None]] = []
+    splits = [path]
+    if (path / "dataset_dict.json").is_file():
+        out.append((path / "dataset_dict.json", {"json"}))
+        splits = [path / str(s) for s in (read_json(path / "dataset_dict.json") or {}).get("splits") or []]
+    for split in splits:
+        for meta in ("state.json", "dataset_info.json"):
+            if (split / meta).is_file():
+                out.append((split / meta, {"json"}))
+        state = read_json(split / "state.json") or {}
+        for item in state.get("_data_files") or []:
+            out.append((split.joinpath(*PurePosixPath(item["filename"]).parts), {"arrow-stream"}))
+    side = entry.get("exact_columns")
+    if side:
+        out.append((_entry_path(folder, {"path": side}), {"arrow-file"}))
+    return out
 
 
 def _why_not_saveable(value: Any) -> str | None:
@@ -544,13 +639,12 @@ def _entry_path(folder: Path, entry: dict) -> Path:
     rel = entry.get("path")
     if not isinstance(rel, str) or not rel:
         raise StorageError(f"A step.json output entry has no valid 'path': {entry!r}.")
-    pure = PurePosixPath(rel)
-    if pure.is_absolute() or ".." in pure.parts:
-        raise StorageError(
-            f"A step.json output entry points outside its step folder ({rel!r}); refusing "
-            "to read it. Run the step again."
-        )
-    return folder.joinpath(*pure.parts)
+    from .integrity import unsafe_path
+
+    why = unsafe_path(rel)
+    if why:
+        raise DamagedResultError(f"a step.json output entry points outside its step folder (`{rel}`: {why}); refused")
+    return folder.joinpath(*PurePosixPath(rel).parts)
 
 
 # --------------------------------------------------------------------------- datasets

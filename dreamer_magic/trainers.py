@@ -95,6 +95,7 @@ from .checkpoints import (
 from .errors import DreamerError, StorageError
 from .fingerprint import fingerprint, json_safe, model_fingerprint
 from .folders import OutputFolder, fsync_tree, now_iso, read_json, read_meta, saving_into, write_json_atomic
+from .integrity import RECORD, record_files
 from .hf_trainer import is_trainer as _is_hf_trainer, patched_trainer
 from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, Status, resumed_from
 from .steps import (
@@ -590,7 +591,7 @@ class TrainerRun(StepRun):
             remote_marker = remote.read_json(f"{self.name_path}/{IN_PROGRESS}")
             if remote_marker is None or remote_marker.get("fingerprint") != fp:
                 return
-            names = remote.complete_checkpoints(self.name_path)
+            names = remote.complete_checkpoints(self.name_path, fp)
             if not names:
                 return
             newest = names[-1]
@@ -791,6 +792,7 @@ class TrainerRun(StepRun):
             "not_saved": not_saved,
             **meta_extra,
         }
+        meta[RECORD] = record_files(folder, skip=[TRAINER_FILE])  # _model, _outputs...: checked on a hit
         write_json_atomic(folder / TRAINER_FILE, meta)
         with contextlib.suppress(FileNotFoundError):
             self.marker.unlink()

@@ -22,6 +22,7 @@ ORDER = [
     "fingerprint",
     "cell",
     "dependencies",
+    "integrity",
     "folders",
     "storage",
     "remote",
