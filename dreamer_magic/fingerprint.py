@@ -1168,28 +1168,16 @@ def code_global_names(code: types.CodeType) -> set[str]:
     return set(known)
 
 
-def code_global_stores(code: types.CodeType) -> set[str]:
-    """Global names a code object (and its nested code) assigns or deletes (``global n; n = 1``).
+def _bound_before_read(code: types.CodeType) -> set[str]:
+    """Global names ``code`` assigns whose first mention in its own bytecode is the assignment
+    (``global np; import numpy as np; np.ones(3)``), not a read (``calls += 1``)."""
+    import dis
 
-    Examples
-    --------
-    >>> def f():
-    ...     global calls
-    ...     calls = calls + 1
-    >>> code_global_stores(f.__code__)
-    {'calls'}
-    """
-    memo = _code_memo("stores")
-    known = memo.get(code)
-    if known is None:
-        import dis
-
-        names = {ins.argval for ins in dis.get_instructions(code) if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")}
-        for const in code.co_consts:
-            if isinstance(const, types.CodeType):
-                names |= code_global_stores(const)
-        known = memo[code] = frozenset(names)
-    return set(known)
+    first: dict[str, bool] = {}
+    for ins in dis.get_instructions(code):
+        if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_GLOBAL", "LOAD_NAME"):
+            first.setdefault(ins.argval, ins.opname != "LOAD_GLOBAL" and ins.opname != "LOAD_NAME")
+    return {name for name, stored in first.items() if stored}
 
 
 def function_globals(fn: types.FunctionType) -> set[str]:
@@ -1200,18 +1188,21 @@ def function_globals(fn: types.FunctionType) -> set[str]:
     --------
     >>> calls = 0
     >>> def f(x):
-    ...     global calls
+    ...     global calls, np
     ...     calls += 1
-    ...     return x + offset
+    ...     import numpy as np
+    ...     return x + offset + np.sign(calls)
     >>> offset = 1
     >>> sorted(function_globals(f))
-    ['offset']
+    ['calls', 'offset']
 
-    A global the function assigns itself (a call counter, a model it loads once, ``global np;
-    import numpy as np``) is state it keeps, which its first call changes, not an input: counting
-    it would make every call after the first a miss. The same holds for what the functions of its
-    module that it calls assign (a ``setup()`` that binds ``tokenizer``), followed through the
-    module's globals.
+    A global the function binds before it reads it (``global np; import numpy as np``) is not an
+    input: its value comes from the function's own code, and counting it would make every call
+    after the first a miss. The same holds for what the functions of its module that it calls
+    bind before reading (a ``setup()`` that binds ``tokenizer``), followed through the module's
+    globals. A global read before it is bound (a call counter, ``calls += 1``; a model loaded once
+    behind ``if model is None``) still counts: what the call returns may depend on it, so a
+    changed value runs the step again rather than giving a result the call would not give now.
     """
     module_globals = fn.__globals__
     written: set[str] = set()
@@ -1222,7 +1213,7 @@ def function_globals(fn: types.FunctionType) -> set[str]:
         if id(current) in seen:
             continue
         seen[id(current)] = current
-        written |= code_global_stores(current.__code__)
+        written |= _bound_before_read(current.__code__)
         for name in code_global_names(current.__code__):
             value = module_globals.get(name)
             if isinstance(value, types.FunctionType) and value.__globals__ is module_globals:

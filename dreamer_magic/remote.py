@@ -40,6 +40,7 @@ import shutil
 import signal
 import socket
 import threading
+import warnings
 import time
 import uuid
 from pathlib import Path
@@ -80,7 +81,18 @@ def set_remote(url: str | None) -> "Remote | None":
     with _lock:
         old, _remote = _remote, None
     if old is not None:
-        old.flush(FLUSH_ON_EXIT)
+        waiting = old.pending()
+        if waiting:  # say why the cell pauses, and what is given up if it has to
+            warnings.warn(
+                f"finishing {len(waiting)} upload(s) to {old.url} before switching (at most {FLUSH_ON_EXIT:.0f} s)",
+                RuntimeWarning, stacklevel=2,
+            )
+        if not old.flush(FLUSH_ON_EXIT):
+            warnings.warn(
+                f"gave up waiting for uploads to {old.url}: {', '.join(old.pending())} not pushed "
+                "(they stay in the local output folder; set that remote again to push them)",
+                RuntimeWarning, stacklevel=2,
+            )
         old.close()
     if not url or str(url).strip().lower() in ("off", "none"):
         return None

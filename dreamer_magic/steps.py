@@ -447,6 +447,7 @@ class StepRun:
         self.meta: dict | None = None  # step.json of the result loaded
         self.cell_info: Any = None  # the cell analysis (cell steps), for notes on what it cannot analyse
         self.started: float | None = None  # perf_counter() when the cell began (the magic's entry)
+        self.previews: dict[str, dict[str, Any]] | None = None  # input_previews before the body ran
         self.damaged: list[Reason] = []  # saved results with this fingerprint found damaged and set aside
         self.load_from: Path | None = None  # a backup loaded where it is (a read-only output folder)
         self.committed = False  # the new result is in place (an interrupt after this loses nothing)
@@ -845,6 +846,8 @@ class StepRun:
     def _run_and_save(self, components: dict, fp: str, started: float) -> dict[str, Any]:
         __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status, spec = self.status, self.spec
+        # the inputs as the body found them: a global it changes, an input it mutates in place
+        self.previews = input_previews(spec.inputs)
         try:
             with saving_into(self.out.root, f"{spec.kind} {spec.name!r}"):
                 self.tmp = self.out.new_temp(self.final)
@@ -1007,7 +1010,7 @@ class StepRun:
             "components": components,
             "source": self.spec.source,
             "inputs": list(self.spec.inputs),
-            "input_previews": input_previews(self.spec.inputs),
+            "input_previews": self.previews if self.previews is not None else input_previews(self.spec.inputs),
             "outputs": entries,
             "rebind": self.spec.rebind,
             "version": self.spec.version,

@@ -46,10 +46,14 @@ def local(n):
 
 @step("own-state")
 def counted(text):
-    global calls
-    calls += 1
     setup()
     return memo.clean(text) + upper("x")
+
+@step("tally")
+def tally(n):
+    global calls
+    calls += 1
+    return n + calls
 
 def setup():
     global upper
@@ -65,12 +69,15 @@ def outer(n):
     return inner(n) + 1
 
 states = []
+tally(1)
+status = dreamer_magic.last_status()
+tallied = [tally(1), status.state, dreamer_magic.last_status().state, [str(r) for r in dreamer_magic.last_status().reasons]]
 for fn, arg in [(library, 5), (local, 3), (counted, " a "), (outer, 4)]:
     for _ in range(2):
         fn(arg)
         status = dreamer_magic.last_status()
         states.append([status.name, status.state, [str(r) for r in status.reasons]])
-print("@@" + json.dumps(states))
+print("@@" + json.dumps({"states": states, "tallied": tallied}))
 """
 
 
@@ -80,20 +87,24 @@ def _run(folder: Path, offset: int) -> list:
         [sys.executable, "-c", textwrap.dedent(_SCRIPT), str(offset)], capture_output=True, text=True, cwd=folder, env=env, timeout=120
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.rpartition("@@")[2])
+    found = json.loads(out.stdout.rpartition("@@")[2])
+    return found["states"], found["tallied"]
 
 
 def test_the_python_api_hits_after_a_first_call_that_changed_the_process(tmp_path):
     for rel, text in _LOCAL_MODULES.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
-    first = _run(tmp_path, 1)
+    first, tallied = _run(tmp_path, 1)
     assert [s[1] for s in first] == [RAN, LOADED] * 4, first
-    again = _run(tmp_path, 1)
+    # a global the step reads before it changes it counts: the second call returns what a call gives now
+    assert tallied[:3] == [3, RAN, RAN], tallied
+    assert any("calls" in r for r in tallied[3]), tallied
+    again, _ = _run(tmp_path, 1)
     assert [s[1] for s in again] == [LOADED] * 8, again
 
     (tmp_path / "lazypkg/sub.py").write_text("def inc(x):\n    return x + 10\n")
-    changed = _run(tmp_path, 2)  # `offset` changed, and the code of a module imported in a body
+    changed, _ = _run(tmp_path, 2)  # `offset` changed, and the code of a module imported in a body
     library_runs = [s for s in changed if s[0] == "numpy-in-body"]
     assert [s[1] for s in library_runs] == [RAN, LOADED]
     assert library_runs[0][2] == ["function `library` changed: the global `offset` it uses changed"]

@@ -285,3 +285,23 @@ def test_a_mistyped_lease_ttl_in_the_environment_falls_back_to_the_default(monke
         assert remote._env_seconds("DREAMER_LEASE_TTL", 30.0) == 30.0
     monkeypatch.setenv("DREAMER_LEASE_TTL", "3")
     assert remote._env_seconds("DREAMER_LEASE_TTL", 30.0) == 3.0
+
+
+def test_switching_remotes_says_it_waits_for_pending_uploads_and_what_it_gave_up(tmp_path, monkeypatch):
+    import threading
+
+    from dreamer_magic import remote
+
+    monkeypatch.setattr(remote, "FLUSH_ON_EXIT", 0.3)
+    old = remote.set_remote(f"file://{tmp_path / 'bucket'}")
+    release = threading.Event()
+    try:
+        old.submit("push of `slow`", "slow", lambda task: release.wait(10))
+        with pytest.warns(RuntimeWarning) as said:
+            remote.set_remote(None)
+        texts = [str(w.message) for w in said]
+        assert any(t.startswith("finishing 1 upload(s) to ") for t in texts), texts
+        assert any("gave up waiting" in t and "`slow`" in t for t in texts), texts
+    finally:
+        release.set()
+        remote.set_remote(None)
