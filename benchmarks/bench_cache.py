@@ -13,6 +13,8 @@ Prints medians over ``--repeats`` runs (the machine is shared: medians, not mini
   ``json.loads``) on the same database, given the keys already hashed (so it pays for
   less than ``generate`` does).
 * ``sqlitedict`` (DataDreamer's store) reading the same keys, already hashed.
+* Bytes per entry of the generation cache and of sqlitedict, same prompts and answers.
+* ``--first``: the first all-hit ``generate`` of a fresh process over the next one (CPU).
 * Writes of N fresh entries: ``Database.put_many`` in transactions of 1,000 rows, and
   ``LLM.generate`` end to end on N new prompts with an instant stand-in model
   (batch_size=1,000: one transaction per batch, as in real use).
@@ -59,12 +61,63 @@ def fake_answers(llm: LLM, chars: int = 0) -> None:
     llm._run = run  # type: ignore[method-assign]
 
 
+FIRST = """
+import sys, time, json
+sys.path[:0] = {paths!r}
+from _tiny import tiny_gpt2
+from dreamer_magic.models import LLM
+model, tokenizer = tiny_gpt2()
+llm = LLM(model, tokenizer, name="gpt2-tiny", output_folder={output!r})
+filler = " Include a dragon, a lighthouse and a recipe for soup." * ({chars} // 50 + 1)
+prompts = [f"Write a short story about topic number {{i}}, please.{{filler[: max(0, {chars} - 50)]}}" for i in range({n})]
+params = dict(max_new_tokens=64, temperature=0.7, top_p=0.95, seed=1, batch_size=1000, progress=False)
+llm.fingerprint  # the model's weights are hashed once per process, before any lookup: not the lookup's cost
+times = []
+for _ in range(2):
+    start = time.process_time()
+    llm.generate(prompts, cache_only=True, **params)
+    times.append(time.process_time() - start)
+print(json.dumps([times, "sqlite_utils" in sys.modules]))
+"""
+FIRST_IMPORTS: list[str] = []
+
+
+def file_bytes(path: Path) -> int:
+    """The database's size with its WAL copied back (what it takes on disk at rest)."""
+    import sqlite3
+
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    finally:
+        conn.close()
+    wal = Path(str(path) + "-wal")
+    return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+
+def first_call_ratios(work: Path, n: int, options: argparse.Namespace, repeats: int) -> list[float]:
+    """CPU time of the first all-hit generate in a fresh process over that of the second one."""
+    import subprocess
+
+    code = FIRST.format(paths=[str(ROOT.parent), str(ROOT.parent / "tests")], output=str(work / "output"),
+                        chars=options.prompt_chars, n=n)
+    ratios = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        (first, second), imported = json.loads(out.splitlines()[-1])
+        ratios.append(first / second)
+        if imported and not FIRST_IMPORTS:
+            FIRST_IMPORTS.append("YES")
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt-chars", type=int, default=0, help="pad prompts to this length")
     parser.add_argument("--answer-chars", type=int, default=0, help="pad answers to this length")
+    parser.add_argument("--first", action="store_true", help="also time the first lookup of a fresh process (target 2)")
     options = parser.parse_args()
     n, repeats = options.n, options.repeats
 
@@ -162,6 +215,10 @@ def main() -> None:
     sd_s, sd_answers = median_time(lambda: [sd[k] for k in keys], max(1, min(repeats, 3)))
     assert sd_answers == answers
     sd.close()
+    ours_bytes = file_bytes(llm.database.path) / n
+    sd_bytes = file_bytes(Path(sd_path)) / n
+
+    first_ratios = first_call_ratios(work, n, options, repeats) if options.first else []
 
     # -- report -----------------------------------------------------------------------------------
     def rate(seconds: float) -> str:
@@ -182,6 +239,15 @@ def main() -> None:
     print(f"  Database.put_many, 1,000-row transactions        {put_s * 1e3:8.1f} ms {rate(put_s)}")
     print(f"  LLM.generate, stand-in model, batch_size=1,000   {gen_write_s * 1e3:8.1f} ms {rate(gen_write_s)}")
     print(f"  (target >= 50,000/s: {'met' if n / put_s >= 50_000 and n / gen_write_s >= 50_000 else 'NOT met'})")
+    print()
+    print("bytes per entry (file size after a checkpoint / entries), the same prompts and answers")
+    print(f"  generation cache {ours_bytes:8.1f}   sqlitedict (DataDreamer's store) {sd_bytes:8.1f}"
+          f"   ratio {ours_bytes / sd_bytes:.2f}x  (target <= 1.5x)")
+    if first_ratios:
+        print()
+        print("first all-hit LLM.generate in a fresh process / the next one (same prompts), one process per round")
+        print(f"  ratio {statistics.median(first_ratios):.2f}x [{min(first_ratios):.2f}-{max(first_ratios):.2f}]"
+              f"   (target <= 1.2x; sqlite_utils imported: {FIRST_IMPORTS or 'no'})")
     shutil.rmtree(work, ignore_errors=True)
 
 

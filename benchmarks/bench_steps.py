@@ -5,6 +5,7 @@
 Prints medians and ratios for:
 - `%load_ext dreamer_magic` wall time (fresh processes), and which heavy modules it imported;
 - a hit on a step whose input and output are a 1M-row DataFrame vs joblib.Memory and pickle.load;
+- saving a 1M-row DataFrame with an object text column (a miss's save) vs df.to_parquet;
 - a hit on a step whose input and output are a 1M-row datasets.Dataset (the magic's overhead);
 - fingerprinting a 1 GB array and the 1M-row DataFrame vs joblib.hash;
 - peak RSS added by a hit on the 1M-row Dataset;
@@ -127,6 +128,35 @@ def bench_frame_hit(ip, work: Path, rows: int, repeat: int, text_dtype: str = "s
     print(f"  %%dreamer_step (whole magic)   {ms(magic)}")
     print(f"  joblib.Memory cached call      {ms(jl)}   ratio joblib/magic = {jl / magic:5.2f}x  (target > 1)")
     print(f"  pickle.load of the output      {ms(pk)}   ratio magic/pickle = {magic / pk:5.2f}x  (target <= 1.5)")
+
+
+def bench_object_save(work: Path, rows: int, repeat: int) -> None:
+    """What a miss spends saving a frame with an ``object`` text column, vs ``df.to_parquet``."""
+    from dreamer_magic.storage import save_outputs
+
+    frame = make_frame(rows).astype({"text": object})
+    save_outputs({"kept": frame.head(10)}, work / "save-warm-up")  # imports datasets: not counted
+    ratios, ours, theirs = [], [], []
+    for r in range(repeat):
+        folder = work / f"save-{r}"
+        folder.mkdir()
+
+        def save():
+            save_outputs({"kept": frame}, folder)
+
+        def parquet():
+            frame.to_parquet(work / f"frame-{r}.parquet")
+
+        pair = [(save, ours), (parquet, theirs)]
+        for fn, times in pair if r % 2 == 0 else pair[::-1]:  # interleaved, order alternating
+            start = time.process_time()
+            fn()
+            times.append(time.process_time() - start)
+        ratios.append(ours[-1] / theirs[-1])
+        shutil.rmtree(folder)
+    print(f"saving a {rows:,}-row frame with an object text column (CPU):")
+    print(f"  save_outputs {ms(statistics.median(ours))}   df.to_parquet {ms(statistics.median(theirs))}"
+          f"   ratio {statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]  (target <= 1.2)")
 
 
 def bench_dataset_hit(ip, work: Path, rows: int, repeat: int) -> None:
@@ -299,9 +329,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--gigabytes", type=float, default=1.0)
+    parser.add_argument("--only-save", action="store_true", help="only the object-column save (target 3)")
     parser.add_argument("--verify-only", action="store_true", help="only the cost of verifying hits")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dreamer-bench-"))
+    if args.only_save:
+        bench_object_save(work, args.rows, args.repeat)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         if args.verify_only:
             bench_verify(shell(work / "output"), work, args.rows, args.repeat)
@@ -310,6 +345,7 @@ def main() -> None:
         ip = shell(work / "output")
         bench_frame_hit(ip, work, args.rows, args.repeat)  # pandas 3's default string dtype
         bench_frame_hit(ip, work, args.rows, args.repeat, "object")  # pandas 2's default
+        bench_object_save(work, args.rows, args.repeat)
         bench_dataset_hit(ip, work, args.rows, args.repeat)
         bench_rss(work, args.rows)
         bench_verify(ip, work, args.rows, args.repeat)

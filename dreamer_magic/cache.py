@@ -5,17 +5,32 @@ Examples
 >>> db = open_database("my-api", root=tmp / ".cache")  # doctest: +SKIP
 >>> found = db.get_many([request_key('{"prompt":"hi"}')])  # doctest: +SKIP
 
-Each database lives in ``<output folder>/.cache/<name>.sqlite`` and holds one table,
-:data:`TABLE` (``cache``), readable with the ``sqlite-utils`` CLI::
+Each database lives in ``<output folder>/.cache/<name>.sqlite`` (schema version
+:data:`SCHEMA_VERSION`, in ``PRAGMA user_version``), readable with the ``sqlite-utils`` CLI::
 
     CREATE TABLE [cache] (
-       [key] TEXT PRIMARY KEY,   -- xxh3-128 hex digest of the request, below
-       [request] TEXT,           -- the full request as canonical JSON
+       [key] TEXT PRIMARY KEY,   -- xxh3-128 hex digest of the full request, below
+       [request] TEXT,           -- the full request as canonical JSON, or (shared set) the
+                                 --   JSON of its per-item part only: the prompt, the text
        [response] TEXT,          -- the response as JSON (Embedder: float32 little-endian BLOB)
-       [created] TEXT            -- ISO 8601 UTC time the row was written
+       [created] TEXT,           -- ISO 8601 UTC time the row was written
+       [shared] INTEGER          -- the row's shared request parts, or NULL
     )
+    CREATE TABLE [shared] (      -- what many rows' requests share, stored once
+       [id] INTEGER PRIMARY KEY,
+       [prefix] TEXT NOT NULL,   -- the request's JSON up to the item: model fingerprint, arguments
+       [suffix] TEXT NOT NULL,   -- and after it: ``}`` or ``,"sample":N}``
+       UNIQUE ([prefix], [suffix])
+    )
+    CREATE VIEW [requests] AS    -- key, full request (prefix || request || suffix), response, created
 
-``sqlite-utils rows output/.cache/gpt2-tiny-0123456789abcdef.sqlite cache`` lists it.
+``sqlite-utils rows output/.cache/gpt2-tiny-0123456789abcdef.sqlite requests`` lists every row
+with its full request; ``... cache`` lists the rows as stored. A row's key is always the hash
+of its full request. Storing the model fingerprint and generation arguments once instead of in
+every row makes a short entry 55% of its version-1 size (456 bytes to 251 in
+``benchmarks/bench_cache.py``; sqlitedict, which stores no request at all, takes 184). Version 1
+(``user_version`` 0: the full request in every row, no ``shared``) is migrated in place on
+first use, by adding the column, the table and the view; its rows stay as they are and hit.
 
 API and engine backends (``backends/``) add three columns the first time they use a database
 (``ALTER TABLE ... ADD COLUMN``: older databases and readers are unaffected)::
@@ -103,12 +118,16 @@ __all__ = [
     "open_database",
     "remove_observer",
     "request_key",
+    "request_keys",
     "request_prefix",
     "session_counts",
     "session_savings",
 ]
 
 TABLE = "cache"
+SHARED = "shared"  # request parts shared by many rows (the model fingerprint, the generation arguments)
+REQUESTS_VIEW = "requests"  # every row with its full request JSON, for readers
+SCHEMA_VERSION = 2  # PRAGMA user_version; 1 (or 0) is the sqlite-utils table of full requests
 SUFFIX = ".sqlite"
 BUSY_TIMEOUT_S = 60.0  # how long a write waits for another process's write lock (read at each write)
 WAIT_NOTE_AFTER_S = 1.0  # a write that waits longer than this for the lock says so first
@@ -208,6 +227,53 @@ def request_key(request_json: str) -> str:
     32
     """
     return _hash(request_json.encode("utf-8"))
+
+
+_KEY_MEMO: dict[tuple[str, str], dict[int, str]] = {}  # (prefix, suffix) -> prompt digest -> key
+KEY_MEMO_ENTRIES = 300_000  # keys remembered per (prefix, suffix): about 50 MB at most
+
+
+def request_keys(prefix: str, items: Sequence[str], suffix: str) -> list[str]:
+    """The keys of ``prefix + json_str(item) + suffix`` for each item, remembered for the next call.
+
+    Examples
+    --------
+    >>> prefix = request_prefix({"args": {"t": 0.7}}, "prompt")
+    >>> request_keys(prefix, ["hi"], "}") == [request_key(prefix + json_str("hi") + "}")]
+    True
+
+    The key is always the hash of the request's canonical JSON (:func:`request_key`);
+    building that JSON (escaping a 2,000-character prompt) costs ten times hashing the
+    prompt itself, so each key is remembered under the xxh3-128 digest of the prompt's
+    UTF-8 text: looking the same prompts up again (re-running a cell) hashes each prompt
+    once instead of escaping it. At most :data:`KEY_MEMO_ENTRIES` keys are kept per
+    ``(prefix, suffix)``, and only for the few most recent ones.
+
+    Raises
+    ------
+    TypeError
+        If an item is not a ``str``. ``UnicodeEncodeError`` if one holds a lone surrogate.
+    """
+    memo = _KEY_MEMO.get((prefix, suffix))
+    if memo is None:
+        if len(_KEY_MEMO) >= 4:
+            _KEY_MEMO.pop(next(iter(_KEY_MEMO)))
+        memo = _KEY_MEMO[(prefix, suffix)] = {}
+    digest = xxhash.xxh3_128_intdigest
+    try:
+        digests = [digest(p.encode()) for p in items]
+    except AttributeError:
+        raise TypeError("request_keys() takes strings") from None
+    keys = list(map(memo.get, digests))
+    if None in keys:
+        if len(memo) + len(items) > KEY_MEMO_ENTRIES:
+            memo.clear()
+        for i, key in enumerate(keys):
+            if key is None:
+                key = keys[i] = _hash(f"{prefix}{json_str(items[i])}{suffix}".encode())
+                if len(items) <= KEY_MEMO_ENTRIES:
+                    memo[digests[i]] = key
+    return keys  # type: ignore[return-value]
 
 
 def database_name(name: str, fingerprint: str | None = None) -> str:
@@ -425,6 +491,8 @@ class Database:
         self._pid = -1
         self._lock = threading.RLock()
         self._answer_columns = -1  # the pid whose connection has the backends' columns
+        self._shared_ids: dict[tuple[str, str], int] = {}  # (prefix, suffix) -> id in the shared table
+        self._shared_pid = -1
         self._file_id: tuple[int, int] | None = None  # (device, inode) of the file the connection opened
         self._unwritten: list[tuple[str, list, bool]] = []  # (sql, rows, needs the answer columns)
         self._unwritten_responses: dict[str, str | bytes] = {}  # key -> response of those rows
@@ -455,6 +523,7 @@ class Database:
             self._conn = conn
             self._pid = os.getpid()
             self._answer_columns = -1
+            self._shared_pid = -1  # ids of shared request parts are looked up again
             self._file_id = _file_id(self.path)
             try:
                 self.merge_remote_segments()
@@ -578,8 +647,8 @@ class Database:
         mirror.push_segment_later(remote, self.name, name, [dict(zip(columns, row)) for row in data])
 
     def _connect(self) -> sqlite3.Connection:
-        import sqlite_utils
-
+        # Plain sqlite3: importing sqlite_utils (pandas, click, ...) would cost the first
+        # lookup of a process ~0.3 s; it stays the documented way to read a database.
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _write_gitignore(self.path.parent)
         conn = sqlite3.connect(
@@ -588,31 +657,15 @@ class Database:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         conn.execute("PRAGMA cache_size = -131072")  # 128 MiB of page cache for batched lookups
         conn.execute("PRAGMA mmap_size = 1073741824")
-        db = sqlite_utils.Database(conn)
-        if db.journal_mode != "wal":
-            db.enable_wal()  # persistent; waits on the busy timeout if another process holds it
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = wal")  # persistent; waits on the busy timeout if another process holds it
         conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: safe against process crashes
         # Batches of random keys dirty many pages: checkpoint every 64 MiB of WAL instead of
         # every 4 MiB (a page rewritten by several batches is then copied back once).
         conn.execute("PRAGMA wal_autocheckpoint = 16384")
         conn.execute("PRAGMA journal_size_limit = 67108864")
-        if not db[TABLE].exists():
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                # A rowid table: rows are appended in the order they are written and the key
-                # has its own narrow index. (WITHOUT ROWID made all-hit lookups ~20% faster
-                # but writes 2-4x slower and files 2.4x larger with realistic prompt sizes,
-                # as random keys scatter wide rows over half-empty pages.)
-                db.create_table(
-                    TABLE,
-                    {"key": str, "request": str, "response": str, "created": str},
-                    pk="key",
-                    if_not_exists=True,
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION or not _has_table(conn, TABLE):
+            _create_or_migrate(conn)
         return conn
 
     def close(self) -> None:
@@ -750,7 +803,7 @@ class Database:
             "created) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
             "request = excluded.request, response = excluded.response, meta = excluded.meta, "
             "prompt_tokens = excluded.prompt_tokens, completion_tokens = excluded.completion_tokens, "
-            "created = excluded.created"
+            "created = excluded.created, shared = NULL"  # the full request is in the row
         )
         self._store(sql, data, answers=True)
         self._push_segment(("key", "request", "response", "meta", "prompt_tokens", "completion_tokens", "created"), data)
@@ -784,7 +837,12 @@ class Database:
                 pass
 
     def put_many(self, rows: Iterable[tuple[str, str, str | bytes]]) -> int:
-        """Store ``(key, request JSON, response)`` rows in one transaction; returns how many.
+        """Store ``(key, request, response)`` rows in one transaction; returns how many.
+
+        ``request`` is the request's canonical JSON, or that JSON split in three,
+        ``(prefix, item JSON, suffix)``, where ``prefix`` and ``suffix`` are shared by many rows
+        (the model fingerprint and generation arguments): the row then keeps only the item's
+        JSON and the database the shared parts once (the ``requests`` view joins them back).
 
         Examples
         --------
@@ -800,20 +858,60 @@ class Database:
         process see them meanwhile.
         """
         created = _now_iso()
-        data = [(k, q, r, created) for k, q, r in rows]
-        if not data:
+        rows = list(rows)
+        if not rows:
             return 0
         sql = (
-            f"INSERT INTO [{TABLE}] (key, request, response, created) VALUES (?, ?, ?, ?) "
+            f"INSERT INTO [{TABLE}] (key, request, response, created, shared) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT(key) DO UPDATE SET request = excluded.request, "
-            "response = excluded.response, created = excluded.created"
+            "response = excluded.response, created = excluded.created, shared = excluded.shared"
         )
+        with self._lock:
+            data = self._compact(self.connection, rows, created)
         self._store(sql, data)
-        self._push_segment(("key", "request", "response", "created"), data)
+        # other machines get full requests: a shared id means something in this file only
+        full = [(k, "".join(q) if type(q) is tuple else q, r, created) for k, q, r in rows]
+        self._push_segment(("key", "request", "response", "created"), full)
         return len(data)
 
+    def _compact(self, conn: sqlite3.Connection, rows: list, created: str) -> list[tuple]:
+        """Rows as stored: a request given as ``(prefix, item JSON, suffix)`` keeps only the item
+        JSON and the id of its shared parts in the ``shared`` table (added once, committed)."""
+        ids = self._shared_ids if self._shared_pid == os.getpid() else {}
+        self._shared_ids, self._shared_pid = ids, os.getpid()
+        data = []
+        for key, request, response in rows:
+            if type(request) is tuple:
+                prefix, item, suffix = request
+                shared = ids.get((prefix, suffix))
+                if shared is None:
+                    try:
+                        shared = ids[(prefix, suffix)] = self._shared_id(conn, prefix, suffix)
+                    except (sqlite3.Error, OSError) as e:  # cannot write now: the row keeps its full request
+                        if _error_kind(e) is None:
+                            raise
+                        data.append((key, prefix + item + suffix, response, created, None))
+                        continue
+                data.append((key, item, response, created, shared))
+            else:
+                data.append((key, request, response, created, None))
+        return data
 
-    # when another process or the disk says no -------------------------------------------------
+    def _shared_id(self, conn: sqlite3.Connection, prefix: str, suffix: str) -> int:
+        sql = f"INSERT INTO [{SHARED}] (prefix, suffix) VALUES (?, ?) ON CONFLICT DO NOTHING"
+        _write_many(conn, sql, [(prefix, suffix)])
+        query = f"SELECT id FROM [{SHARED}] WHERE prefix = ? AND suffix = ?"
+        return conn.execute(query, (prefix, suffix)).fetchone()[0]
+
+    def request(self, key: str) -> str | None:
+        """The full request JSON stored under ``key`` (its shared parts put back), or ``None``."""
+        with self._lock:
+            row = self.connection.execute(
+                f"SELECT request FROM [{REQUESTS_VIEW}] WHERE key = ?", (key,)
+            ).fetchone()
+        return row[0] if row else None
+
+
     def _store(self, sql: str, data: list, *, answers: bool = False) -> None:
         """Write ``data`` now, or keep it in memory to write later: a result is never lost here.
 
@@ -987,6 +1085,60 @@ class Database:
             return True
 
 
+
+# The table as sqlite-utils' ``create_table`` writes it (databases made by earlier versions
+# read the same).
+_CREATE_TABLE = (
+    f"CREATE TABLE IF NOT EXISTS [{TABLE}] (\n   [key] TEXT PRIMARY KEY,\n   [request] TEXT,\n"
+    "   [response] TEXT,\n   [created] TEXT\n)"
+)
+_CREATE_SHARED = (
+    f"CREATE TABLE IF NOT EXISTS [{SHARED}] (\n   [id] INTEGER PRIMARY KEY,\n   [prefix] TEXT NOT NULL,\n"
+    "   [suffix] TEXT NOT NULL,\n   UNIQUE ([prefix], [suffix])\n)"
+)
+_CREATE_VIEW = (
+    f"CREATE VIEW IF NOT EXISTS [{REQUESTS_VIEW}] AS SELECT c.key AS key, "
+    "CASE WHEN c.shared IS NULL THEN c.request ELSE s.prefix || c.request || s.suffix END AS request, "
+    f"c.response AS response, c.created AS created FROM [{TABLE}] AS c LEFT JOIN [{SHARED}] AS s ON s.id = c.shared"
+)
+
+
+def _create_or_migrate(conn: sqlite3.Connection) -> None:
+    """Create the tables, or bring a database of an earlier schema up to :data:`SCHEMA_VERSION`.
+
+    Version 1 (sqlite-utils' table, full request JSON in every row) becomes version 2 by adding
+    the ``shared`` column, the ``shared`` table and the ``requests`` view: a cheap change in
+    place. Rows already stored keep their full request (``shared`` is NULL) and hit as before;
+    readers and writers of either version go on working with the other's rows.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION or not _has_table(conn, TABLE):
+            # A rowid table: rows are appended in the order they are written and the key
+            # has its own narrow index. (WITHOUT ROWID made all-hit lookups ~20% faster
+            # but writes 2-4x slower and files 2.4x larger with realistic prompt sizes,
+            # as random keys scatter wide rows over half-empty pages.)
+            conn.execute(_CREATE_TABLE)
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info([{TABLE}])")}
+            if "shared" not in columns:
+                conn.execute(f"ALTER TABLE [{TABLE}] ADD COLUMN [shared] INTEGER")
+            conn.execute(_CREATE_SHARED)
+            conn.execute(_CREATE_VIEW)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
+    # when another process or the disk says no -------------------------------------------------
+
+
 def _error_kind(error: BaseException) -> str | None:
     """What stopped a database operation: ``"busy"`` (another process holds the lock),
     ``"full"`` (the disk), ``"damaged"`` (not a database, malformed), ``"unwritable"``
@@ -1131,7 +1283,7 @@ def get_or_compute(
     database: Database,
     keys: Sequence[str],
     compute: Callable[[list[str]], Sequence[str | bytes]],
-    requests: Callable[[list[str]], Sequence[str]],
+    requests: Callable[[list[str]], Sequence[str | tuple[str, str, str]]],
     *,
     batch_size: int,
     force: bool = False,

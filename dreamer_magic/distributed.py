@@ -100,6 +100,9 @@ def run_cell_trainer(
             return status  # a hit: loaded from disk, nothing to train
         except _TrainInWorkers:
             pass
+        go_live = getattr(card.handle, "go_live", None)  # the workers train: the card shows it live
+        if go_live is not None:
+            go_live()
         started = time.perf_counter()
         try:
             final = _launch(processes, name, source, namespace, card.inner, status, options)

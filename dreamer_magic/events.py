@@ -41,17 +41,26 @@ def subscribe(listener: Listener, *, this_thread: bool = False) -> int:
         return _next
 
 
+_SIGNATURES: dict[Any, bool] = {}  # function -> takes savings (a step subscribes on every run)
+
+
 def _takes_savings(listener: Listener) -> bool:
     """Whether a listener accepts ``tokens=`` and ``saved=`` (API backends report them)."""
+    function = getattr(listener, "__func__", None)  # a bound method: its function decides
+    if function is not None and function in _SIGNATURES:
+        return _SIGNATURES[function]
     import inspect
 
     try:
         params = inspect.signature(listener).parameters
     except (TypeError, ValueError):
         return False
-    return ("tokens" in params and "saved" in params) or any(
+    takes = ("tokens" in params and "saved" in params) or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
     )
+    if function is not None and len(_SIGNATURES) < 256:
+        _SIGNATURES[function] = takes
+    return takes
 
 
 def unsubscribe(token: int) -> None:

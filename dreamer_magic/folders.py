@@ -277,6 +277,55 @@ def fsync_dir(path: Path) -> None:
     _fsync_dir(path)
 
 
+
+@contextlib.contextmanager
+def _os_lock(path: str, on_wait: Callable[[], Any] | None, *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive OS lock on ``path``, freed when the process dies; yields whether it is held.
+
+    On POSIX this is ``fcntl.flock`` on a file kept open while held (no import of
+    ``filelock`` on a hit: it costs more than the rest of a tiny hit's locking; ``filelock``
+    takes the same ``flock``); elsewhere ``filelock``. ``on_wait`` is called once, before
+    blocking, if another process holds it; with ``wait=False`` it yields False instead.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(path, thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if not wait:
+                yield False
+                return
+            if on_wait is not None:
+                on_wait()
+            lock.acquire()
+        try:
+            yield True
+        finally:
+            lock.release()
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -531,33 +580,26 @@ class OutputFolder:
         """Hold the lock of one step or trainer (across processes; freed if a process dies).
 
         ``on_wait`` is called once if another kernel holds it, before waiting. The lock is an
-        OS file lock (``filelock``: ``fcntl`` on POSIX, ``msvcrt`` on Windows).
+        OS file lock (``fcntl.flock`` on POSIX, ``filelock`` elsewhere).
         """
-        from filelock import FileLock, Timeout
-
-        lock = None
+        held: Any = None
         for locks in (self.root / ".locks", _fallback_locks(self.root)):
             try:
                 locks.mkdir(parents=True, exist_ok=True)
-                lock = FileLock(str(locks / lock_file_name(name_path)), thread_local=False)
-                lock.acquire(timeout=0)
-                break
-            except Timeout:
-                if on_wait is not None:
-                    on_wait()
-                lock.acquire()
+                held = _os_lock(str(locks / lock_file_name(name_path)), on_wait)
+                held.__enter__()
                 break
             except OSError as e:
                 # a read-only output folder: lock in the temporary folder instead (a hit only
                 # reads), and with no writable place at all, go on without a lock
                 if e.errno not in WRITE_REFUSED:
                     raise
-                lock = None
+                held = None
         try:
             yield
         finally:
-            if lock is not None:
-                lock.release()
+            if held is not None:
+                held.__exit__(None, None, None)
 
     @contextlib.contextmanager
     def try_lock(self, name_path: str) -> Iterator[bool]:
@@ -565,20 +607,10 @@ class OutputFolder:
 
         ``%dreamer gc`` uses it: a step another kernel is running is left alone, not waited for.
         """
-        from filelock import FileLock, Timeout
-
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(locks / lock_file_name(name_path)), thread_local=False)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            lock.release()
+        with _os_lock(str(locks / lock_file_name(name_path)), None, wait=False) as held:
+            yield held
 
     # -- temporary folders ------------------------------------------------------------
     def new_temp(self, final: Path) -> Path:

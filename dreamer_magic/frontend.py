@@ -103,6 +103,8 @@ class IPythonFrontend(Frontend):
         original_write = hook.write_format_data
         original_clear = pub.clear_output
         live_handles = [h for h in self._shown if h.live]
+        for handle in live_handles:  # the body is about to show things: the card goes live above them
+            handle.go_live()
 
         def publish(data: dict, metadata: dict | None = None, *a: Any, **kw: Any) -> Any:
             rec.display(data, metadata, kw.get("transient"), bool(kw.get("update")))
@@ -144,14 +146,15 @@ class IPythonFrontend(Frontend):
     def replay(self, records: list) -> None:
         """Show recorded output again: streams as text, rich outputs through IPython's display.
 
-        Without a widget card (terminal IPython) the status line is printed first, then the
-        replayed output, as a run would read: what happened, then what the cell showed.
+        Where the status is not shown yet (terminal IPython prints its line at the end; a hit's
+        card in a kernel is displayed when it ends) it is shown first, then the replayed output,
+        as a run would read: what happened, then what the cell showed.
         """
         runs = active_runs()
         status = runs[-1].status if runs else None
         for handle in reversed(self._shown):
-            if handle.status is status and not handle.live and not handle.finished:
-                handle.pending = records  # shown by finish(), after the status line
+            if handle.status is status and not handle.finished and not getattr(handle.inner, "shown", handle.live):
+                handle.pending = records  # shown by finish(), after the status line or card
                 return
         self._replay(records)
 
@@ -167,10 +170,17 @@ class IPythonFrontend(Frontend):
                 publish_display_data(rec["data"], rec.get("metadata") or {})
 
     def show(self, status: Status) -> Any:
-        """A live card in a Jupyter kernel, a text line elsewhere; ``finish()`` shows the final state."""
-        from .widgets import display_status
+        """A card in a Jupyter kernel, a text line elsewhere; ``finish()`` shows the final state.
 
-        handle = _Shown(self, display_status(status, live=self.live))
+        The card is displayed live when the body is about to run (:meth:`capture`) or the step
+        waits for another kernel, else once, static, when the cell ends: a hit, which only
+        loads, never imports ipywidgets and publishes one display.
+        """
+        from .widgets import CardStatus, display_status, widgets_supported
+
+        live = widgets_supported() if self.live is None else self.live
+        inner = CardStatus(status) if live else display_status(status, live=False)
+        handle = _Shown(self, inner)
         self._shown.append(handle)
         return handle
 
@@ -184,6 +194,11 @@ class _Shown(StatusHandle):
         self.live = not isinstance(inner, TextStatus)
         self.pending: list | None = None
         self.finished = False
+
+    def go_live(self) -> None:
+        go_live = getattr(self.inner, "go_live", None)
+        if go_live is not None and not self.finished:
+            go_live()
 
     def cleared(self) -> None:
         redisplay = getattr(self.inner, "redisplay", None)

@@ -10,6 +10,7 @@ Examples
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -127,8 +128,9 @@ class DreamerMagics(Magics):
             print(len(reviews), "reviews kept")
         """
         __tracebackhide__ = True  # noqa: F841 - an error in the body shows the user's frames only
+        started = time.perf_counter()  # the status line's time is the whole cell's
         args = parse_argstring(self.dreamer_step, line)
-        self._run_cell("step", args, cell, f"%%dreamer_step {line}")
+        self._run_cell("step", args, cell, f"%%dreamer_step {line}", started)
 
     @magic_arguments()
     @argument("name", nargs="+", help="The trainer's name; it names its folder.")
@@ -162,10 +164,11 @@ class DreamerMagics(Magics):
             trainer.train()
         """
         __tracebackhide__ = True  # noqa: F841
+        started = time.perf_counter()  # the status line's time is the whole cell's
         args = parse_argstring(self.dreamer_train, line)
-        self._run_cell("trainer", args, cell, f"%%dreamer_train {line}")
+        self._run_cell("trainer", args, cell, f"%%dreamer_train {line}", started)
 
-    def _run_cell(self, kind: str, args: Any, cell: str, magic_line: str) -> None:
+    def _run_cell(self, kind: str, args: Any, cell: str, magic_line: str, started: float | None = None) -> None:
         __tracebackhide__ = True  # noqa: F841
         name = " ".join(args.name)
         try:
@@ -188,6 +191,7 @@ class DreamerMagics(Magics):
             verify=self.verify.lower(),
             exclude=self._hidden_names(),
             files=[f.strip() for f in (args.files or "").split(",") if f.strip()],
+            started=started,
         )
         before = self.frontend.last_status
         try:

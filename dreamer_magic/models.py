@@ -109,9 +109,8 @@ def _non_str_error(items: list, what: str) -> DreamerError:
 
 def _keys_for(prefix: str, items: list[str], suffix: str, what: str) -> list[str]:
     """Cache keys of ``prefix + JSON(item) + suffix`` for each item (the hot loop)."""
-    h = _cache._hash
     try:
-        return [h(f"{prefix}{json_str(p)}{suffix}".encode()) for p in items]
+        return _cache.request_keys(prefix, items, suffix)
     except TypeError:
         raise _non_str_error(items, what) from None
     except UnicodeEncodeError:
@@ -276,8 +275,8 @@ class LLM(_CachedModel):
                 rows.update(zip(ks, ((p, s) for p in items)))
             return sorted(missing, key=lambda k: len(rows[k][0]), reverse=True)
 
-        def requests(batch: list[str]) -> list[str]:
-            return [f"{prefix}{json_str(p)}{suffixes[s]}" for p, s in map(rows.__getitem__, batch)]
+        def requests(batch: list[str]) -> list[tuple[str, str, str]]:  # stored once: prefix and suffix
+            return [(prefix, json_str(p), suffixes[s]) for p, s in map(rows.__getitem__, batch)]
 
         def compute(batch: list[str]) -> list[str]:
             texts = self._run([rows[k][0] for k in batch], batch, args, greedy)
@@ -559,8 +558,8 @@ class Embedder(_CachedModel):
                 text_of.update(zip(keys, items))
             return text_of[key]
 
-        def requests(batch: list[str]) -> list[str]:
-            return [f"{prefix}{json_str(lookup(k))}}}" for k in batch]
+        def requests(batch: list[str]) -> list[tuple[str, str, str]]:
+            return [(prefix, json_str(lookup(k)), "}") for k in batch]
 
         def compute(batch: list[str]) -> list[bytes]:
             vectors = self._run([lookup(k) for k in batch])

@@ -140,13 +140,26 @@ def components_of(spec: StepSpec) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "kind": spec.kind,
-        "source": fingerprint(normalise_source(spec.source)),
+        "source": _source_fingerprint(spec.source),
         "inputs": input_fingerprints(spec.inputs),
         "version": spec.version,
         "libraries": libraries,
         **({"outputs": list(spec.outputs)} if spec.strict_outputs else {}),
         **({"extra": fingerprint(spec.extra)} if spec.extra else {}),
     }
+
+
+@functools.lru_cache(maxsize=256)
+def _source_fingerprint(source: str) -> str:
+    """The fingerprint of a cell's normalised code (pure: re-running a cell does not re-parse it)."""
+    return fingerprint(normalise_source(source))
+
+
+@functools.lru_cache(maxsize=256)
+def _analysis(source: str, transform: Callable[[str], str] | None) -> tuple[Any, list[str]]:
+    """The cell analysis and loop temporaries of ``source`` (pure, so kept for the next run of
+    the same cell: a hit's fixed cost). Callers must not change what it returns."""
+    return analyze(source, transform=transform, first_line=2), loop_names(source)  # the body starts under its %%dreamer_ line
 
 
 def input_previews(inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -433,6 +446,7 @@ class StepRun:
         self.dependencies: dict | None = None  # what the body read besides its inputs (traced)
         self.meta: dict | None = None  # step.json of the result loaded
         self.cell_info: Any = None  # the cell analysis (cell steps), for notes on what it cannot analyse
+        self.started: float | None = None  # perf_counter() when the cell began (the magic's entry)
         self.previews: dict[str, dict[str, Any]] | None = None  # input_previews before the body ran
         self.damaged: list[Reason] = []  # saved results with this fingerprint found damaged and set aside
         self.load_from: Path | None = None  # a backup loaded where it is (a read-only output folder)
@@ -469,7 +483,7 @@ class StepRun:
         status = self.status
         status.state = RUNNING
         status.folder = str(self.final)
-        started = time.perf_counter()
+        started = self.started if self.started is not None else time.perf_counter()
         try:
             self.out.ensure()
             components = self.components()
@@ -1196,7 +1210,7 @@ def cell_spec(
     """
     import types
 
-    info = analyze(source, transform=transform, first_line=2)  # the body starts under its %%dreamer_ line
+    info, temporaries = _analysis(source, transform)
     if inputs is None:
         input_names = [n for n in info.reads if n in namespace and n not in exclude and not n.startswith("__")]
     else:
@@ -1222,7 +1236,7 @@ def cell_spec(
         inputs=values,
         outputs=list(outputs) if outputs is not None else list(info.outputs),
         strict_outputs=outputs is not None,
-        rebind=info.rebind,
+        rebind=list(info.rebind),
         version=version,
         libraries=libraries,
         force=force,
@@ -1232,7 +1246,7 @@ def cell_spec(
         kind=kind,
         files=list(files or []),
         first_line=2,  # the cell's body starts under its %%dreamer_ line
-        temporaries=loop_names(source),
+        temporaries=list(temporaries),
     )
     return spec, info
 
@@ -1283,14 +1297,17 @@ def run_cell_step(
 
     The ``frontend`` runs the body (``raw`` is the cell as typed, for tracebacks) and re-runs
     its ``import``/``def``/``class`` statements on a hit; ``options`` are those of
-    :func:`cell_spec`.
+    :func:`cell_spec`, and ``started`` (a ``time.perf_counter()`` reading) is when the cell
+    began, so that the status line times the whole cell.
     """
     __tracebackhide__ = True  # noqa: F841
+    started = options.pop("started", None)
     frontend = frontend or current_frontend()
     options.setdefault("transform", frontend.transform)
     spec, info = cell_spec(name, source, namespace, **options)
     run = StepRun(spec, cell_body(frontend, source, namespace, raw, spec, info), status, frontend, namespace=namespace)
     run.cell_info = info
+    run.started = started
     values = run.run()
     namespace.update(values)
     if run.status.state in (LOADED, RESTORED, PULLED):

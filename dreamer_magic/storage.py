@@ -754,13 +754,13 @@ def _build_frame_plan(df: Any) -> _FramePlan | None:
         probe = _frame_from_table(table.slice(0, n), _sliced_meta(meta, n), fixups)
         _assert_same_frame(probe, df.iloc[:n])
         # Object columns can change silently (ints -> floats, tuples -> lists,
-        # dicts -> structs): check every value of those.
-        if objects or _has_object_index(df):
+        # dicts -> structs): check every value of those, unless their types alone prove
+        # the round trip exact (text or bytes only: the common case, checked at C speed).
+        unproven = [int(i) for i in objects if not _exact_by_types(df.iloc[:, int(i)].to_numpy(), table.column(int(i)).type)]
+        if unproven or _has_object_index(df):
             full = _frame_from_table(table, meta, fixups)
-            for i in range(df.shape[1]):
-                if df.iloc[:, i].dtype == object and not _same_sequence(
-                    df.iloc[:, i].to_numpy(), full.iloc[:, i].to_numpy()
-                ):
+            for i in unproven:
+                if not _same_sequence(df.iloc[:, i].to_numpy(), full.iloc[:, i].to_numpy()):
                     return None
             if _has_object_index(df) and not _same_sequence(
                 np.asarray(df.index.to_numpy()), np.asarray(full.index.to_numpy())
@@ -769,6 +769,26 @@ def _build_frame_plan(df: Any) -> _FramePlan | None:
     except Exception:  # noqa: BLE001 - any difference: not exact, pickle instead
         return None
     return plan
+
+
+def _exact_by_types(values: Any, arrow_type: Any) -> bool:
+    """Whether an object column comes back from Arrow exactly, by the types of its values alone.
+
+    True when Arrow stored it as (large) text and every value is exactly a ``str`` or a missing
+    value, or as (large) binary and every value is exactly ``bytes`` or missing: such values
+    round-trip unchanged (how missing values look is kept by ``object_columns``). Anything else
+    (a ``str`` subclass, numbers, lists...) is for the value-by-value check.
+    """
+    import pyarrow as pa
+
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        kind: type = str
+    elif pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type):
+        kind = bytes
+    else:
+        return False
+    types = set(map(type, values))
+    return types <= {kind, type(None), float}  # a float here is a NaN: Arrow refuses other floats in text
 
 
 def _has_object_index(df: Any) -> bool:
@@ -812,8 +832,10 @@ def _frame_from_table(table: Any, meta: dict, fixups: dict[str, Any]) -> Any:
     import numpy as np
     import pandas as pd
 
-    table = table.replace_schema_metadata({b"pandas": json.dumps(meta).encode()})
-    df = table.to_pandas()
+    df = _simple_frame(table, meta)
+    if df is None:
+        table = table.replace_schema_metadata({b"pandas": json.dumps(meta).encode()})
+        df = table.to_pandas()
     if fixups.get("index_freq"):
         df.index = type(df.index)(df.index, freq=fixups["index_freq"])
     if fixups.get("column_range"):
@@ -833,6 +855,43 @@ def _frame_from_table(table: Any, meta: dict, fixups: dict[str, Any]) -> Any:
             values[missing] = na_value
         # A Series with an explicit dtype: pandas 3 would infer ``str`` from a bare array.
         df.isetitem(i, pd.Series(values, index=df.index, dtype=object, copy=False))
+    return df
+
+
+def _simple_frame(table: Any, meta: dict) -> Any:
+    """The DataFrame of a plain table (a range index, unique string column labels, columns whose
+    dtype Arrow's own conversion gives back), built without pyarrow's pandas-metadata pass,
+    which costs ten times the conversion on a small frame; ``None`` for anything else."""
+    import pandas as pd
+
+    index = meta.get("index_columns")
+    levels = meta.get("column_indexes") or []
+    columns = meta.get("columns") or []
+    if (
+        meta.get("attributes")
+        or not (isinstance(index, list) and len(index) == 1 and isinstance(index[0], dict) and index[0].get("kind") == "range")
+        or len(levels) != 1
+        or levels[0].get("name") is not None
+        or levels[0].get("pandas_type") != "unicode"
+        or levels[0].get("numpy_type") not in ("str", "object")
+        or len(columns) != table.num_columns
+    ):
+        return None
+    names = table.column_names
+    for column, name in zip(columns, names):
+        if column.get("metadata") is not None or column.get("name") != name or column.get("field_name") != name:
+            return None
+        if column.get("numpy_type") == "object":  # Arrow's own conversion never gives object back
+            return None
+    if len(set(names)) != len(names):
+        return None
+    df = table.to_pandas(ignore_metadata=True)
+    if [str(t) for t in df.dtypes] != [c.get("numpy_type") for c in columns]:
+        return None
+    if levels[0]["numpy_type"] != str(df.columns.dtype):
+        df.columns = pd.Index(names, dtype=levels[0]["numpy_type"])
+    ix = index[0]
+    df.index = pd.RangeIndex(ix["start"], ix["stop"], ix["step"], name=ix.get("name"))
     return df
 
 

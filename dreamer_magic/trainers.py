@@ -922,6 +922,7 @@ def run_cell_trainer(
     (``inputs``, ``outputs``, ``version``, ``force``, ``replay``, ``allow_pickle``, ``exclude``).
     """
     __tracebackhide__ = True  # noqa: F841
+    started = options.pop("started", None)
     frontend = frontend or steps.current_frontend()
     options.setdefault("transform", frontend.transform)
     spec, info = cell_spec(name, source, namespace, kind="trainer", **options)
@@ -934,6 +935,7 @@ def run_cell_trainer(
         frontend=frontend,
     )
     run.cell_info = info
+    run.started = started
     if setup is not None:
         setup(run)
     values = run.run()

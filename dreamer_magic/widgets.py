@@ -63,6 +63,7 @@ from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, RUNNING,
 __all__ = [
     "StatusView",
     "LiveStatus",
+    "CardStatus",
     "display_status",
     "widgets_supported",
     # rendering, from render.py
@@ -357,6 +358,69 @@ class LiveStatus(StatusHandle):
             except Exception:  # noqa: BLE001 - a display hiccup must never fail the cell
                 return
             _close(self.view)
+
+
+class CardStatus(StatusHandle):
+    """A status card shown live only when the cell has work to show live.
+
+    ``handle = CardStatus(status); ...; handle.go_live(); ...; handle.finish()``
+
+    Nothing is displayed until the cell either runs its body or waits for another kernel
+    (:meth:`go_live`: the live :class:`StatusView`, which imports ipywidgets) or ends
+    (:meth:`finish`: the final card as static text and HTML). A hit, which only loads, is then
+    one static display and never imports ipywidgets; the frontend calls :meth:`go_live` before
+    the body's first output, so the live card stays above what the body shows.
+    """
+
+    def __init__(self, status: Status, *, interval: float = 0.2, clock: float | None = 1.0) -> None:
+        self.status = status
+        self.interval, self.clock = interval, clock
+        self.live: LiveStatus | None = None
+        self.display_handle: Any = None
+        self.finished = False
+        status.on_change(self._on_change)
+
+    @property
+    def shown(self) -> bool:
+        """Whether the card is in the output area yet."""
+        return self.live is not None or self.display_handle is not None
+
+    def _on_change(self, status: Status) -> None:
+        if status.state == WAITING and self.live is None and not self.finished:
+            self.go_live()
+
+    def go_live(self) -> None:
+        """Display the live widget (once); it ticks until :meth:`finish`."""
+        from IPython.display import display
+
+        if self.live is not None or self.finished:
+            return
+        view = _status_view_class()(self.status, interval=self.interval)
+        try:
+            handle = display(view, display_id=True, metadata=CARD_METADATA)
+        except Exception:  # noqa: BLE001 - a display hiccup must never fail the cell
+            handle = None
+        self.live = LiveStatus(view, handle, clock=self.clock)
+
+    def redisplay(self) -> None:
+        """Show the card again (the body called ``clear_output()``, which removed it)."""
+        if self.live is not None and not self.finished:
+            self.live.redisplay()
+
+    def finish(self) -> None:
+        """Show the final state: the live card turned static, or the static card displayed now."""
+        from IPython.display import display
+
+        if self.finished:
+            return
+        self.finished = True
+        if self.live is not None:
+            self.live.finish()
+            return
+        try:
+            self.display_handle = display(static_bundle(self.status), raw=True, display_id=True, metadata=CARD_METADATA)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _close(widget: Any) -> None:

@@ -74,6 +74,17 @@ def test_spliced_request_is_exactly_the_canonical_json(prompt, shared):
     assert cache.request_key(spliced) == xxhash.xxh3_128_hexdigest(spliced.encode())
 
 
+@given(prompts=st.lists(st.text(), max_size=5), shared=st.dictionaries(st.sampled_from(["args", "a"]), json_values, max_size=2))
+def test_request_keys_are_the_keys_of_the_canonical_requests_on_every_call(prompts, shared):
+    prefix = cache.request_prefix(shared, "prompt")
+    expected = [cache.request_key(cache.canonical_json({**shared, "prompt": p, "sample": 1})) for p in prompts]
+    assert cache.request_keys(prefix, prompts, ',"sample":1}') == expected
+    assert cache.request_keys(prefix, prompts, ',"sample":1}') == expected  # remembered
+    assert cache.request_keys(prefix, [p + "\n" for p in prompts], ',"sample":1}') == [
+        cache.request_key(cache.canonical_json({**shared, "prompt": p + "\n", "sample": 1})) for p in prompts
+    ]
+
+
 def test_request_prefix_refuses_fields_that_would_break_the_order():
     with pytest.raises(ValueError):
         cache.request_prefix({"zzz": 1}, "prompt")
@@ -93,7 +104,8 @@ def test_schema_wal_and_busy_timeout(db):
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == int(cache.WAIT_NOTE_AFTER_S * 1000)
     assert cache.BUSY_TIMEOUT_S >= 30
     columns = [row[1] for row in conn.execute("PRAGMA table_info(cache)")]
-    assert columns == ["key", "request", "response", "created"]
+    assert columns == ["key", "request", "response", "created", "shared"]
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == cache.SCHEMA_VERSION == 2
     assert (db.path.parent / ".gitignore").is_file()
 
 
@@ -107,6 +119,25 @@ def test_readable_with_the_sqlite_utils_cli(db):
     request = json.loads(listed[0]["request"])
     assert request["args"] == {"tag": "t"} and "prompt" in request
     assert xxhash.xxh3_128_hexdigest(listed[0]["request"].encode()) == listed[0]["key"]
+
+
+def test_the_generation_path_never_imports_sqlite_utils(tmp_path):
+    """A first lookup must not pay for ``import sqlite_utils`` (pandas, click: ~0.3 s); the
+    database it writes stays the one the sqlite-utils CLI reads (test above)."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from dreamer_magic import cache
+        db = cache.open_database("no-sqlite-utils", root={str(tmp_path)!r})
+        keys = [cache.request_key(str(i)) for i in range(3)]
+        found = cache.get_or_compute(db, keys, lambda b: ['"a"'] * len(b), lambda b: ["{{}}"] * len(b),
+                                     batch_size=2, progress=False, decode_json=True)
+        again = cache.get_or_compute(db, keys, None, None, batch_size=2, decode_json=True)
+        print(found == again == dict.fromkeys(keys, "a"), "sqlite_utils" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

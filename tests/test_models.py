@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -86,9 +87,60 @@ def test_the_database_is_named_after_the_model_and_its_fingerprint(llm, tmp_path
     llm.generate(PROMPTS[:1], **FAST)
     (path,) = (tmp_path / "output" / ".cache").glob("*.sqlite")
     assert path.name == f"gpt2-tiny-{llm.fingerprint[:16]}.sqlite"
-    request = json.loads(llm.database.connection.execute("SELECT request FROM cache").fetchone()[0])
+    text, key = llm.database.connection.execute("SELECT request, key FROM requests").fetchone()
+    request = json.loads(text)
     assert request["prompt"] == PROMPTS[0] and request["args"]["max_new_tokens"] == 4
     assert request["args"]["model"] == llm.fingerprint
+    assert xxhash.xxh3_128_hexdigest(text.encode()) == key  # the key is the full request's hash
+    # the row keeps the prompt; the model and arguments are stored once for every row
+    stored, shared = llm.database.connection.execute("SELECT request, shared FROM cache").fetchone()
+    assert json.loads(stored) == PROMPTS[0] and shared is not None
+
+
+def _write_schema_1(path, rows):
+    """A generation cache exactly as version 1 wrote it: sqlite-utils' table, WAL, the full
+    request JSON in every row."""
+    import sqlite_utils
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_utils.Database(path)
+    db.enable_wal()
+    db.create_table("cache", {"key": str, "request": str, "response": str, "created": str}, pk="key")
+    db.conn.executemany(
+        "INSERT INTO [cache] (key, request, response, created) VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+        "request = excluded.request, response = excluded.response, created = excluded.created",
+        [(cache.request_key(q), q, r, "2026-11-30T12:00:00Z") for q, r in rows],
+    )
+    db.conn.commit()
+    db.close()
+
+
+def test_a_cache_of_the_previous_schema_still_hits_and_is_migrated_in_place(llm, tmp_path):
+    """Version 1 stored the full request in every row; version 2 stores the shared parts once.
+    A database written the version-1 way hits as before, takes new rows in the compact form,
+    and reads as full requests through the ``requests`` view (the sqlite-utils CLI too)."""
+    args = llm._request_args(llm.fingerprint, 4, 0, 1.0, None, 1, None, {})  # greedy: no sample index
+    prefix = cache.request_prefix({"args": args}, "prompt")
+    old = [(f"{prefix}{cache.json_str(p)}}}", cache.json_str(f"old answer {i}")) for i, p in enumerate(PROMPTS[:4])]
+    path = llm.database.path
+    llm.database.close()
+    cache._open.clear()
+    _write_schema_1(path, old)
+    fresh = new_kernel(llm, tmp_path)
+    assert fresh.generate(PROMPTS[:4], temperature=0, **FAST) == [f"old answer {i}" for i in range(4)]
+    assert llm.counter.calls == 0, "every old row hits"
+    fresh.generate(PROMPTS[:6], temperature=0, **FAST)
+    assert llm.counter.rows == 2, "only the new prompts ran"
+    conn = fresh.database.connection
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    stored = conn.execute("SELECT shared IS NULL, count(*) FROM cache GROUP BY 1 ORDER BY 1").fetchall()
+    assert stored == [(0, 2), (1, 4)], "old rows kept as they were, new ones compact"
+    full = dict(conn.execute("SELECT key, request FROM requests").fetchall())
+    assert len(full) == 6 and all(cache.request_key(q) == k for k, q in full.items())
+    assert {json.loads(q)["prompt"] for q in full.values()} == set(PROMPTS[:6])
+    cli = Path(sys.executable).with_name("sqlite-utils")
+    out = subprocess.run([str(cli), "rows", str(path), "requests"], capture_output=True, text=True, check=True)
+    assert {r["key"]: r["request"] for r in json.loads(out.stdout)} == full
 
 
 def test_adding_prompts_runs_the_model_on_the_new_ones_only(llm):
@@ -138,7 +190,7 @@ def test_each_sample_has_its_own_index_and_raising_n_computes_only_new_samples(l
     llm.counter.reset()
     three = llm.generate(PROMPTS[:3], temperature=1.0, seed=1, n=3, **FAST)
     assert llm.counter.rows == 3 and [a[:2] for a in three] == two
-    rows = llm.database.connection.execute("SELECT request FROM cache").fetchall()
+    rows = llm.database.connection.execute("SELECT request FROM requests").fetchall()
     assert sorted({json.loads(r[0])["sample"] for r in rows}) == [0, 1, 2]
 
 

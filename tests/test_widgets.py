@@ -669,3 +669,51 @@ def test_progress_reported_by_other_code_is_kept_by_the_clock():
     view.tick()  # no tqdm bar: the generation batches' progress stays
     assert s.progress.what == "generate" and "generate 3/10 (30%), ETA 7.0 s" in view.details.value
     view.finish()
+
+
+# -- a hit in a kernel: a static card, no ipywidgets; a miss: the card goes live above the body --
+
+
+@pytest.mark.timeout(180)
+def test_a_kernel_hit_shows_a_static_card_and_a_miss_goes_live_before_its_body(tmp_path):
+    """In a real ipykernel: a hit shows its card as static text/HTML, above what it replays,
+    and never imports ipywidgets (about 40 ms of CPU on the hit path); a miss shows the live
+    widget before the body's first output, and it ends static."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path), startup_timeout=90)
+    try:
+        def run(code: str) -> list[dict]:
+            messages: list[dict] = []
+            reply = kc.execute_interactive(code, timeout=60, output_hook=messages.append)
+            errors = [m["content"] for m in messages if m["msg_type"] == "error"]
+            assert reply["content"]["status"] == "ok", errors
+            return [m for m in messages if m["msg_type"] in ("stream", "display_data", "update_display_data")]
+
+        def is_card(m: dict) -> bool:
+            return "display" in m["msg_type"] and "dreamer_magic" in (m["content"].get("metadata") or {})
+
+        def live(m: dict) -> bool:
+            return WIDGET_MIME in m["content"]["data"]
+
+        run("%load_ext dreamer_magic\n%dreamer output out\n%config DreamerMagics.widgets = False")
+        run("%%dreamer_step first\nx = 1\nprint('body of first')")  # saved with the text status
+        run("%config DreamerMagics.widgets = True")
+        hit = run("%%dreamer_step first\nx = 1\nprint('body of first')")
+        cards = [m for m in hit if is_card(m)]
+        assert cards and not any(live(m) for m in cards), "a hit's card is static"
+        assert cards[0]["msg_type"] == "display_data" and hit[0] is cards[0], "the card comes first"
+        assert cards[-1]["content"]["data"]["text/plain"].startswith("[dreamer] step first: loaded from disk")
+        assert [m["content"]["text"] for m in hit if m["msg_type"] == "stream"] == ["body of first\n"]
+        assert run("import sys; print('ipywidgets' in sys.modules)")[0]["content"]["text"] == "False\n"
+
+        miss = run("%%dreamer_step second\nprint('body of second')")
+        body = next(i for i, m in enumerate(miss) if m["msg_type"] == "stream" and "body of second" in m["content"]["text"])
+        went_live = [i for i, m in enumerate(miss) if is_card(m) and live(m)]
+        assert went_live and went_live[0] < body, "the live card is shown before the body's output"
+        assert miss[0] is miss[went_live[0]], "the live card is the cell's first output"
+        last = [m for m in miss if is_card(m)][-1]
+        assert not live(last) and last["content"]["data"]["text/plain"].startswith("[dreamer] step second: ran")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
