@@ -923,14 +923,7 @@ class Database:
             self._check_file()
             if self._unwritten:
                 self._write_unwritten(wait=False)
-            try:
-                self._write_waiting(connect(), sql, data)
-                return
-            except (sqlite3.Error, OSError) as e:
-                error, kind = e, _error_kind(e)
-                if kind is None:
-                    raise
-            if kind == "damaged" and self._set_aside(error):
+            for attempt in range(2):  # a second try only on a fresh database after a damaged one was set aside
                 try:
                     self._write_waiting(connect(), sql, data)
                     return
@@ -938,6 +931,8 @@ class Database:
                     error, kind = e, _error_kind(e)
                     if kind is None:
                         raise
+                if attempt or kind != "damaged" or not self._set_aside(error):
+                    break
             self._keep(sql, data, answers, error, kind or "unwritable")
 
     def _write_waiting(self, conn: sqlite3.Connection, sql: str, data: list) -> None:

@@ -327,12 +327,7 @@ def _os_lock(path: str, on_wait: Callable[[], Any] | None, *, wait: bool = True)
 
 
 def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    _fsync_file(os.fspath(path))  # a folder is opened and fsynced the same way
 
 
 # Names of what an interrupted operation leaves behind; only these are ever swept.
