@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import pytest
@@ -42,6 +43,9 @@ def shell(tmp_path, monkeypatch):
         ip.run_line_magic("unload_ext", "dreamer_magic")
     folders.set_output_folder(None)
     InteractiveShell.clear_instance()
+    # Each shell registers its exit operations (a reset with a full gc.collect()) with atexit:
+    # hundreds of them kept every test's namespace alive and held the process minutes at exit.
+    atexit.unregister(ip.atexit_operations)
 
 
 @pytest.fixture
