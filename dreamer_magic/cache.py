@@ -233,6 +233,21 @@ _KEY_MEMO: dict[tuple[str, str], dict[int, str]] = {}  # (prefix, suffix) -> pro
 KEY_MEMO_ENTRIES = 300_000  # keys remembered per (prefix, suffix): about 50 MB at most
 
 
+def invalid_text(items: Sequence[str], what: str) -> DreamerError | None:
+    """The error for the first of ``items`` that cannot be encoded as UTF-8 (a lone surrogate),
+    named ``what[i]``, for a caller that caught the ``UnicodeEncodeError`` of building its keys;
+    ``None`` when every item encodes (the fault is elsewhere: re-raise)."""
+    for i, p in enumerate(items):
+        try:
+            p.encode()
+        except UnicodeEncodeError as e:
+            return DreamerError(
+                f"{what}[{i}] is not valid Unicode text ({e.reason} at position {e.start}); "
+                "remove lone surrogate characters"
+            )
+    return None
+
+
 def request_keys(prefix: str, items: Sequence[str], suffix: str) -> list[str]:
     """The keys of ``prefix + json_str(item) + suffix`` for each item, remembered for the next call.
 

@@ -114,15 +114,10 @@ def _keys_for(prefix: str, items: list[str], suffix: str, what: str) -> list[str
     except TypeError:
         raise _non_str_error(items, what) from None
     except UnicodeEncodeError:
-        for i, p in enumerate(items):
-            try:
-                p.encode()
-            except UnicodeEncodeError as e:
-                raise DreamerError(
-                    f"{what}[{i}] is not valid Unicode text ({e.reason} at position {e.start}); "
-                    "remove lone surrogate characters"
-                ) from None
-        raise
+        error = _cache.invalid_text(items, what)
+        if error is None:
+            raise
+        raise error from None
 
 
 # -- LLM ----------------------------------------------------------------------------------------------

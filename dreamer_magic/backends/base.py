@@ -687,15 +687,10 @@ def _keys(head: str, items: list[str], tail: str) -> list[str]:
     try:
         return [h(f"{head}\0{p}\0{tail}".encode()) for p in items]
     except UnicodeEncodeError:
-        for i, p in enumerate(items):
-            try:
-                p.encode()
-            except UnicodeEncodeError as e:
-                raise DreamerError(
-                    f"prompts[{i}] is not valid Unicode text ({e.reason} at position {e.start}); "
-                    "remove lone surrogate characters"
-                ) from None
-        raise
+        error = _cache.invalid_text(items, "prompts")
+        if error is None:
+            raise
+        raise error from None
 
 
 def _split_last_user(messages: list) -> tuple[str | None, Any]:
