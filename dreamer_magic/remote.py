@@ -541,6 +541,21 @@ class Remote:
         else:
             retry(lambda: self.fs.put(lpaths, rpaths))
 
+    def _get(self, rel: str, files: Iterable[str], dest: Path) -> None:
+        """Download ``rel/<f>`` to ``dest/<f>`` for each of ``files`` in one batch, with retries
+        (callers first refuse names leading outside, with :func:`_outside`)."""
+        files = list(files)
+        if not files:
+            return
+        lpaths = [str(dest / f) for f in files]
+        for lp in lpaths:
+            os.makedirs(os.path.dirname(lp), exist_ok=True)
+        rpaths = [self.path(f"{rel}/{f}") for f in files]
+        if len(files) == 1:
+            retry(lambda: self.fs.get_file(rpaths[0], lpaths[0]))
+        else:
+            retry(lambda: self.fs.get(rpaths, lpaths))
+
     # -- pulling ----------------------------------------------------------------------------
     def find(self, rel: str, fingerprint: str, meta_file: str) -> tuple[str, dict] | None:
         """Where the remote keeps a committed ``rel`` with ``fingerprint``: in place, else its backup."""
@@ -560,15 +575,7 @@ class Remote:
         bad = _outside(files)
         if bad is not None:  # a literal S3 key `x/../../y`: never written beside the output folder
             return f"the remote folder holds a file outside it ({bad!r})"
-        if files:
-            lpaths = [str(tmp / f) for f in files]
-            for lp in lpaths:
-                os.makedirs(os.path.dirname(lp), exist_ok=True)
-            rpaths = [self.path(f"{where}/{f}") for f in files]
-            if len(files) == 1:
-                retry(lambda: self.fs.get_file(rpaths[0], lpaths[0]))
-            else:
-                retry(lambda: self.fs.get(rpaths, lpaths))
+        self._get(where, files, tmp)
         data = retry(lambda: self.fs.cat_file(self.path(f"{where}/{meta_file}")))
         try:
             if json.loads(data) != meta:
@@ -713,14 +720,7 @@ class Remote:
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            lpaths = [str(tmp / f) for f in files]
-            for lp in lpaths:
-                os.makedirs(os.path.dirname(lp), exist_ok=True)
-            rpaths = [self.path(f"{rel}/{f}") for f in files]
-            if len(rpaths) == 1:
-                retry(lambda: self.fs.get_file(rpaths[0], lpaths[0]))
-            elif rpaths:
-                retry(lambda: self.fs.get(rpaths, lpaths))
+            self._get(rel, files, tmp)
             for f, info in files.items():
                 if (tmp / f).stat().st_size != int(info.get("size", -1)):
                     shutil.rmtree(tmp, ignore_errors=True)
