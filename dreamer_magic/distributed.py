@@ -48,7 +48,7 @@ from . import trainers
 from .checkpoints import CHECKPOINTS, list_checkpoints
 from .errors import DreamerError
 from .status import FAILED, INTERRUPTED, RAN, RUNNING, Status
-from .steps import Frontend
+from .steps import Frontend, current_remote
 
 __all__ = ["refuse_launches", "run_cell_trainer"]
 
@@ -182,9 +182,7 @@ def _launch(n: int, name: str, source: str, namespace: dict, frontend: Frontend,
     _refuse_initialised_cuda(name)
     ctx = multiprocessing.get_context("fork")
     reader, writer = ctx.Pipe(duplex=False)
-    from .remote import get_remote
-
-    remote = get_remote()
+    remote = current_remote()
     job = _Job(name, source, namespace, frontend, options, writer, ctx.Barrier(n, timeout=_BARRIER_TIMEOUT), remote.url if remote else None)
     kind = "MULTI_GPU" if torch.cuda.is_available() else "MULTI_CPU"
     port = os.environ.get("MASTER_PORT") or str(_free_port())

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import DreamerError, InvalidNameError
-from .integrity import unsafe_paths
+from .integrity import digest_file, unsafe_paths
 
 NAME_RULE = (
     "a name must be 1-100 characters of letters, digits, space, '_', '-' or '.', "
@@ -153,18 +153,9 @@ def folder_size(path: Path) -> int:
     return total
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 23) -> str:
-    """xxh3-128 of a file's content, read in 8 MB chunks."""
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
+def file_digest(path: str | os.PathLike) -> str:
+    """xxh3-128 of a file's content (``integrity.digest_file``)."""
+    return digest_file(path)
 
 
 def tree_digest(path: str | os.PathLike) -> str:

@@ -28,7 +28,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import posixpath
 import re
@@ -222,25 +221,21 @@ def forget_digests() -> None:
     _KNOWN.clear()
 
 
-def digest_file(path: str | os.PathLike) -> str:
-    """xxh3-128 of a file's content (memory-mapped: at memory speed when the file is cached).
+def digest_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """xxh3-128 of a file's content, read in 1 MB chunks into one reused buffer.
 
-    The same value as ``folders.file_digest``.
+    (A fresh 8 MB ``bytes`` per read, or a memory map touched for the first time in a process,
+    pays a page fault per 4 KB: on a cold hit that is five times the hash itself.)
     """
     import xxhash
 
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return xxhash.xxh3_128_hexdigest(b"")
-        try:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                return xxhash.xxh3_128_hexdigest(view)
-        except (OSError, ValueError):  # a file system without mmap
-            h = xxhash.xxh3_128()
-            while block := f.read(1 << 23):
-                h.update(block)
-            return h.hexdigest()
+    h = xxhash.xxh3_128()
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 def _in_scope(folder: Path, skip: Iterable[str]) -> Iterable[tuple[str, str]]:

@@ -73,6 +73,17 @@ def active_statuses() -> list[Status]:
     return [run.status for run in _ACTIVE.runs]
 
 
+# What dependencies.check() looks at in a step's recorded dependencies.
+_CHECKED = ("files", "folders", "code", "libraries", "rng")
+
+
+def current_remote() -> Any:
+    """The remote mirror in use (``remote.get_remote()``), or ``None``; never imports remote.py,
+    which whatever sets a remote (``%dreamer remote``, the ``remote`` trait) has imported."""
+    module = sys.modules.get("dreamer_magic.remote")
+    return module.get_remote() if module is not None else None
+
+
 def core_versions() -> dict[str, str]:
     """Versions of the packages a saved result depends on (recorded in step.json)."""
     out = {"python": sys.version.split()[0], "dreamer_magic": __version__}
@@ -621,9 +632,7 @@ class StepRun:
         """A local miss: a committed remote copy with ``fp`` (in place, else in ``_backups``) is
         pulled into a temporary folder, verified, and renamed into place (what is there goes to
         the local backups). ``None`` when the remote has none (or it could not be used)."""
-        from .remote import get_remote
-
-        remote = get_remote()
+        remote = current_remote()
         if remote is None:
             return None
         try:
@@ -655,9 +664,7 @@ class StepRun:
         """With a remote, hold this step's lease in the bucket (another machine running it: wait,
         then load its result). ``None`` without a remote, for a nested step, or when the remote
         cannot be reached (then the local lock alone guards it, and a note says so)."""
-        from .remote import get_remote
-
-        remote = get_remote()
+        remote = current_remote()
         if remote is None or self.parent is not None or not self._takes_lease():
             return None
         from .remote import Lease
@@ -686,9 +693,7 @@ class StepRun:
     def _push_to_remote(self, lease: Any = None) -> None:
         """After a top-level step or trainer commits (or is loaded while the remote lacks it),
         queue its push; it runs in the background, metadata last, and releases ``lease`` after."""
-        from .remote import get_remote
-
-        remote = get_remote()
+        remote = current_remote()
         if remote is None or self.parent is not None or self.status.state == PULLED or read_meta(self.final, self.meta_file)[0] is None:
             if lease is not None:
                 lease.release()
@@ -762,8 +767,8 @@ class StepRun:
         """Whether what the saved run read besides its inputs (files, user code, libraries,
         global RNG state) is as it was; the first change found is added to ``changed``."""
         recorded = meta.get("dependencies")
-        if not recorded:
-            return True
+        if not recorded or (isinstance(recorded, dict) and all(recorded.get(k) in (None, [], {}) for k in _CHECKED)):
+            return True  # nothing to check (most steps): dependencies.py is not even imported
         from . import dependencies
 
         found = dependencies.check(recorded, os.getcwd(), first_only=True)

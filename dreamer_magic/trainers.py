@@ -106,6 +106,7 @@ from .steps import (
     _describe,
     cell_spec,
     components_of,
+    current_remote,
     fingerprint_of,
     why,
     write_replay,
@@ -564,9 +565,7 @@ class TrainerRun(StepRun):
 
     def push_checkpoints(self) -> None:
         """Queue the upload of every complete checkpoint not yet complete remotely (in the background)."""
-        from .remote import get_remote
-
-        remote = get_remote()
+        remote = current_remote()
         if remote is None or self.parent is not None:
             return
         remote.push_checkpoints_later(
@@ -577,9 +576,7 @@ class TrainerRun(StepRun):
         """A fresh machine: bring the newest *complete* remote checkpoint of this very run (the
         remote in-progress marker has ``fp``) and that marker into the local trainer folder, when
         it is newer than any complete local one, so that training resumes from it."""
-        from .remote import get_remote
-
-        remote = get_remote()
+        remote = current_remote()
         if remote is None or self.parent is not None or self.spec.force or not self.resume:
             return
         local_marker = read_json(self.marker)
