@@ -366,6 +366,17 @@ def is_inside(path: Path, root: Path) -> bool:
     return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
+def _listing(folder: Path) -> list[Path]:
+    """The entries of ``folder`` whose names start with a dot (the only ones leftovers have),
+    as paths; empty when it is not a folder. (One ``scandir``: an output folder of many steps is
+    listed on every hit, and a ``Path`` per entry would cost more than the listing.)"""
+    try:
+        with os.scandir(folder) as it:
+            return [folder / e.name for e in it if e.name.startswith(".")]
+    except OSError:
+        return []
+
+
 def leftover_kind(name: str) -> str | None:
     """``"temporary"``, ``"trash"``, ``"skipped checkpoint"`` for the names interrupted operations
     leave, else ``None``.
@@ -534,6 +545,8 @@ class OutputFolder:
     # -- set-up ---------------------------------------------------------------------
     def ensure(self) -> Path:
         """Create the folder (with a ``.gitignore``); a clear error if it is a file."""
+        if os.path.isfile(os.path.join(self.root, ".gitignore")):  # made before (every hit): one stat
+            return self.root
         if self.root.exists() and not self.root.is_dir():
             raise DreamerError(
                 f"the output folder {str(self.root)!r} is a file, not a folder; choose another "
@@ -624,16 +637,15 @@ class OutputFolder:
         metadata, ``.skipped-checkpoint-N`` folders, nested steps' leftovers. Symlinks are not followed.
         """
         found: list[Path] = []
-        if final.parent.is_dir():
-            mine = (f".{final.name}.tmp-", f".{final.name}.trash-")
-            found += [p for p in final.parent.iterdir() if p.name.startswith(mine) and leftover_kind(p.name)]
+        mine = (f".{final.name}.tmp-", f".{final.name}.trash-")
+        found += [p for p in _listing(final.parent) if p.name.startswith(mine) and leftover_kind(p.name)]
         with contextlib.suppress(ValueError):
             backups = self.backup_dir(final.relative_to(self.root).as_posix())
             if backups.is_dir() and not backups.is_symlink() and is_inside(backups, self.root):
-                found += [p for p in backups.iterdir() if leftover_kind(p.name) in ("temporary", "trash")]
+                found += [p for p in _listing(backups) if leftover_kind(p.name) in ("temporary", "trash")]
         checkpoints = final / "_checkpoints"  # a trainer's: checkpoints being written or replaced when it was killed
         if checkpoints.is_dir() and not final.is_symlink() and not checkpoints.is_symlink():
-            found += [p for p in checkpoints.iterdir() if leftover_kind(p.name) in ("temporary", "trash")]
+            found += [p for p in _listing(checkpoints) if leftover_kind(p.name) in ("temporary", "trash")]
         if deep and final.is_dir() and not final.is_symlink():
             for dirpath, dirnames, filenames in os.walk(final):
                 for name in dirnames + filenames:

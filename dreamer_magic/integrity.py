@@ -123,16 +123,23 @@ def check_links(folder: Path) -> None:
     """
     root = os.path.abspath(folder)
     real = os.path.realpath(folder)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            if not os.path.islink(full):
+    pending = [root]
+    while pending:  # os.scandir: the entry types come with the listing, no lstat per entry
+        dirpath = pending.pop()
+        try:
+            entries = list(os.scandir(dirpath))
+        except OSError:
+            continue  # not a folder (or gone): nothing under it to follow
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(entry.path)
+            if not entry.is_symlink():
                 continue
-            target = os.readlink(full)
+            target = os.readlink(entry.path)
             where = os.path.normpath(os.path.join(dirpath, target))  # an absolute target stays itself
             inside = any(where == base or where.startswith(base + os.sep) for base in (root, real))
             if not inside:
-                rel = os.path.relpath(full, root).replace(os.sep, "/")
+                rel = os.path.relpath(entry.path, root).replace(os.sep, "/")
                 raise DamagedResultError(f"`{rel}` is a symlink to `{target}`, outside the step folder: refused")
 
 
@@ -217,8 +224,9 @@ def _remember(path: str | os.PathLike, before: os.stat_result, digest: str) -> N
 
 
 def forget_digests() -> None:
-    """Hash every file again at the next hit, as a fresh process would (benchmarks, tests)."""
+    """Hash (and sniff) every file again at the next hit, as a fresh process would (benchmarks, tests)."""
     _KNOWN.clear()
+    _SNIFFED.clear()
 
 
 def digest_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -418,32 +426,50 @@ def sniff(path: str | os.PathLike) -> str:
     >>> os.unlink(f.name)
     """
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(64)
-        if not head:
-            return "empty"
-        if head.startswith(b"\x93NUMPY"):
-            f.seek(0)
-            return _sniff_npy(f)
-        if head.startswith(b"ARROW1"):
-            return "arrow-file"
-        if head.startswith(b"PAR1"):
-            return "parquet"
-        if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-            return _sniff_zip(path)
-        if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-            return "pickle"
-        if head.startswith(b"\xff\xff\xff\xff"):
-            return "arrow-stream"
-        if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
-            return "safetensors"
-        # JSON before the pickle opcodes: "0.5" parses as POP, STOP. No pickle that starts with
-        # a character JSON can start with can run (a digit or `t` first underflows the stack).
-        text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-        if text[:1] in (b"{", b"[", b'"', b"-") or text[:1].isdigit() or text.startswith((b"true", b"false", b"null")):
-            return "json"
-        if _is_pickle(f):
-            return "pickle"
+        info = os.fstat(f.fileno())
+        found = _SNIFFED.get((info.st_dev, info.st_ino))
+        if found is not None and found[:3] == _stamp(info):
+            return found[3]
+        kind = _sniff_open(path, f, info.st_size)
+    if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) >= _RACY_NS:  # as _remember
+        if len(_SNIFFED) >= _KNOWN_LIMIT:
+            _SNIFFED.clear()
+        _SNIFFED[(info.st_dev, info.st_ino)] = (*_stamp(info), kind)
+    return kind
+
+
+# Formats this process found, by file identity, kept by the rule of the digest memo (_KNOWN):
+# a second hit in one kernel does not open every file again to see what it is.
+_SNIFFED: dict[tuple[int, int], tuple[int, int, int, str]] = {}
+
+
+def _sniff_open(path: str | os.PathLike, f: Any, size: int) -> str:
+    """What the open file ``f`` (of ``size`` bytes) is; :func:`sniff` without the memo."""
+    head = f.read(64)
+    if not head:
+        return "empty"
+    if head.startswith(b"\x93NUMPY"):
+        f.seek(0)
+        return _sniff_npy(f)
+    if head.startswith(b"ARROW1"):
+        return "arrow-file"
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return _sniff_zip(path)
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if head.startswith(b"\xff\xff\xff\xff"):
+        return "arrow-stream"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    # JSON before the pickle opcodes: "0.5" parses as POP, STOP. No pickle that starts with
+    # a character JSON can start with can run (a digit or `t` first underflows the stack).
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text[:1] in (b"{", b"[", b'"', b"-") or text[:1].isdigit() or text.startswith((b"true", b"false", b"null")):
+        return "json"
+    if _is_pickle(f):
+        return "pickle"
     return "unknown"
 
 

@@ -520,10 +520,11 @@ class StepRun:
             with self.out.lock(lock_name, on_wait=waiting):
                 lease = self._remote_lease()
                 status.state = RUNNING
-                self._refuse_name_clash()
+                current = read_meta(self.final, self.meta_file)
+                self._refuse_name_clash(current[0])
                 if self.parent is None:
                     self.out.clean_temps(self.final)
-                values = self._decide_and_go(components, fp, started)
+                values = self._decide_and_go(components, fp, started, current)
                 self._push_to_remote(lease)
                 lease = None  # the push releases it once the remote copy is committed
                 return values
@@ -534,7 +535,7 @@ class StepRun:
             status.duration = time.perf_counter() - started
             status.changed()
 
-    def _refuse_name_clash(self) -> None:
+    def _refuse_name_clash(self, current: dict | None = None) -> None:
         """Two names that map to one folder (``My Step`` and ``my-step``, or a step and a trainer
         of one name) never share it: the folder's metadata records the name that wrote it.
 
@@ -542,6 +543,9 @@ class StepRun:
         lets this name take the folder over (the other result goes to ``_backups``).
         """
         if self.spec.force:
+            return
+        if current is not None and self.meta_file == STEP_FILE:  # step.json, as read_meta found it
+            self._refuse_clash_with(current, "step")
             return
         for meta_file, kind in ((STEP_FILE, "step"), ("trainer.json", "trainer"), (".in-progress.json", "trainer")):
             recorded = read_json(self.final / meta_file)
@@ -565,10 +569,12 @@ class StepRun:
             self.status.state, self.status.error = FAILED, message
             raise DreamerError(message)
 
-    def _decide_and_go(self, components: dict, fp: str, started: float) -> dict[str, Any]:
+    def _decide_and_go(
+        self, components: dict, fp: str, started: float, current_meta: tuple[dict | None, str | None] | None = None
+    ) -> dict[str, Any]:
         __tracebackhide__ = True  # noqa: F841 - IPython shows the user's frames, not the lifecycle's
         status, spec = self.status, self.spec
-        current, problem = read_meta(self.final, self.meta_file)
+        current, problem = current_meta if current_meta is not None else read_meta(self.final, self.meta_file)
         meta = current
         if meta is None and self.parent is not None:  # compare with the parent's previous run
             meta, _ = read_meta(self._earlier_home().path(self.key), self.meta_file)

@@ -890,7 +890,8 @@ def _simple_frame(table: Any, meta: dict, fixups: dict[str, Any]) -> Any:
     if len(set(names)) != len(names):
         return None
     objects = fixups.get("object_columns") or {}
-    values: dict[str, Any] = {}
+    text_dtype = pd.StringDtype("pyarrow", na_value=np.nan)  # pandas 3's ``str``
+    arrays: list[Any] = []
     for i, (column, name, data) in enumerate(zip(columns, names, table.columns)):
         if column.get("metadata") is not None or column.get("name") != name or column.get("field_name") != name:
             return None
@@ -900,41 +901,64 @@ def _simple_frame(table: Any, meta: dict, fixups: dict[str, Any]) -> Any:
             array = data.to_numpy(zero_copy_only=False)  # str, and None where missing
             if data.null_count and objects[str(i)] == "nan":
                 array[np.asarray(data.is_null())] = np.nan
-            values[name] = pd.Series(array, dtype=object, copy=False)
         elif numpy_type == "str" and text:
-            values[name] = pd.StringDtype("pyarrow", na_value=np.nan).__from_arrow__(data)
+            array = text_dtype.__from_arrow__(data)
         elif numpy_type in _PLAIN_NUMPY and (data.null_count == 0 or numpy_type.startswith("float")):
-            array = data.to_numpy()
-            if str(array.dtype) != numpy_type:
-                return None
-            if not array.flags.writeable:  # a view of the memory-mapped file: `df.loc[0, c] = v` writes in place
-                array = array.copy()
-            values[name] = array
+            array = data.to_numpy()  # may be a read-only view of the file: _frame_of_columns copies
         else:
             return None
-    if not values:
-        return None
+        if str(array.dtype) != numpy_type:
+            return None
+        arrays.append(array)
     ix = index[0]
     rows = pd.RangeIndex(ix["start"], ix["stop"], ix["step"], name=ix.get("name"))
-    if len(rows) != table.num_rows:
+    if not arrays or len(rows) != table.num_rows:
         return None
-    # Positions as the labels first: pandas would infer the text labels through pyarrow's
-    # pandas-compatibility module, whose import costs a cold hit more than the whole frame.
-    df = pd.DataFrame(dict(enumerate(values.values())), copy=False)
-    df.index = rows
     if levels[0]["numpy_type"] == "str":
+        # the labels as Arrow text: pd.Index(names) would infer them through pyarrow's
+        # pandas-compatibility module, whose import costs a cold hit more than the whole frame
         try:
-            encoded = [name.encode() for name in names]  # (not pa.array(names): that imports it too)
+            encoded = [name.encode() for name in names]
         except UnicodeEncodeError:
             return None
         offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
-        text = pa.LargeStringArray.from_buffers(len(names), pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded)))
-        df.columns = pd.Index(pd.StringDtype("pyarrow", na_value=np.nan).__from_arrow__(text), copy=False)
+        labels = pa.LargeStringArray.from_buffers(len(names), pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded)))
+        labels = pd.Index(text_dtype.__from_arrow__(labels), copy=False)
     else:
-        df.columns = pd.Index(names, dtype=object)
-    if [str(t) for t in df.dtypes] != [c.get("numpy_type") for c in columns] or str(df.columns.dtype) != levels[0]["numpy_type"]:
-        return None
-    return df
+        labels = pd.Index(names, dtype=object)
+    return _frame_of_columns(arrays, rows, labels)
+
+
+def _frame_of_columns(arrays: list[Any], index: Any, columns: Any) -> Any:
+    """A DataFrame of these column arrays (dtypes as they are), as unpickling builds one
+    (pandas' ``create_dataframe_from_blocks``), not through the inference of ``DataFrame(dict)``,
+    which on a small frame costs more than the data. The numpy columns of one dtype share one
+    block, as pandas keeps them; a read-only one (a view of the memory-mapped file) is copied,
+    or ``df.loc[0, c] = v`` would fail."""
+    import numpy as np
+    import pandas as pd
+
+    try:
+        from pandas.api.internals import create_dataframe_from_blocks
+    except ImportError:  # pandas < 3
+        df = pd.DataFrame(dict(enumerate(arrays)), copy=True)
+        df.index, df.columns = index, columns
+        return df if list(df.dtypes) == [a.dtype for a in arrays] else None
+    blocks: list[tuple[Any, Any]] = []
+    by_dtype: dict[Any, list[int]] = {}
+    for i, a in enumerate(arrays):
+        if isinstance(a, np.ndarray) and a.dtype != object:
+            by_dtype.setdefault(a.dtype, []).append(i)
+        else:
+            blocks.append((a.reshape(1, -1) if isinstance(a, np.ndarray) else a, np.array([i], dtype=np.intp)))
+    for positions in by_dtype.values():
+        if len(positions) == 1:
+            one = arrays[positions[0]]
+            block = (one if one.flags.writeable else one.copy()).reshape(1, -1)
+        else:
+            block = np.vstack([arrays[i] for i in positions])
+        blocks.append((block, np.array(positions, dtype=np.intp)))
+    return create_dataframe_from_blocks(blocks, index=index, columns=columns)
 
 
 def _assert_same_frame(left: Any, right: Any) -> None:

@@ -575,6 +575,27 @@ def test_a_file_is_hashed_again_whenever_its_stamp_moves(tmp_path, monkeypatch):
     assert integrity.known_digest(os.stat(data)) is None
 
 
+def test_a_file_is_sniffed_again_whenever_its_stamp_moves(tmp_path, monkeypatch):
+    """The format memo follows the digest memo's rule: a file rewritten in place (same size,
+    a pickle where JSON was) is opened again, never judged by what it was."""
+    import pickle
+    import time
+
+    from dreamer_magic import integrity
+
+    monkeypatch.setattr(integrity, "_RACY_NS", 0)
+    path = tmp_path / "state.json"
+    blob = pickle.dumps([1, 2, 3], protocol=2)
+    path.write_bytes(b"[" + b" " * (len(blob) - 2) + b"]")
+    assert integrity.sniff(path) == "json"
+    assert integrity.sniff(path) == "json"  # remembered
+    time.sleep(0.02)
+    with open(path, "r+b") as f:  # in place: same inode, same size
+        f.write(blob)
+    assert os.path.getsize(path) == len(blob)
+    assert integrity.sniff(path) == "pickle"
+
+
 def test_a_model_folder_is_judged_by_every_file_in_it(tmp_path):
     """A ``from_pretrained`` folder is read by listing: a file added after the save is damage, and
     a torch archive in it is refused when pickles are off, whatever the entry says."""
