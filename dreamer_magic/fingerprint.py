@@ -500,8 +500,9 @@ class Hasher:
         self.int_(df.shape[1])
         self.pandas_index(df.columns)
         self.pandas_index(df.index)
+        column = getattr(df, "_get_column_array", None)  # the array itself: no Series per column
         for i in range(df.shape[1]):
-            self.pandas_values(df.iloc[:, i])
+            self.pandas_values(column(i) if column is not None else df.iloc[:, i])
         if df.attrs:
             self.value(dict(df.attrs))
 

@@ -227,6 +227,74 @@ def forget_digests() -> None:
     """Hash (and sniff) every file again at the next hit, as a fresh process would (benchmarks, tests)."""
     _KNOWN.clear()
     _SNIFFED.clear()
+    _CHECKED.clear()
+
+
+# Step folders whose hit checks (symlinks, the file record, the formats of the outputs' files)
+# passed in this process: ``str(folder) -> (what, record, outputs, stamps)``. Kept by the rule of
+# the digest memo: every folder in the step folder (an entry added, removed or replaced moves
+# its folder's mtime and ctime) and every file of the record has the stamp it had when checked,
+# none of them changed within the last seconds; then the same checks would find the same. A
+# second hit in one kernel costs a stat per file and folder instead of reading them.
+_CHECKED: dict[str, tuple[Any, Any, Any, tuple]] = {}
+
+
+def _folder_stamps(folder: Path, record: Mapping[str, Any], dirs: Iterable[str] | None) -> tuple[list[str], tuple] | None:
+    """``(folders, stamps)`` of ``folder``'s folders (listed now when ``dirs`` is ``None``)
+    and its record's files; ``None`` when one is missing or changed within the racy window."""
+    root = os.fspath(folder)
+    if dirs is None:
+        dirs, pending = [], [root]
+        while pending:
+            current = pending.pop()
+            dirs.append(os.path.relpath(current, root))
+            try:
+                with os.scandir(current) as it:
+                    pending += [e.path for e in it if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                return None
+    limit = time.time_ns() - _RACY_NS
+    stamps = []
+    try:
+        for rel in list(dirs) + [r.replace("/", os.sep) for r in record]:
+            info = os.lstat(os.path.join(root, rel))
+            if max(info.st_mtime_ns, info.st_ctime_ns) > limit:
+                return None
+            stamps.append((info.st_dev, info.st_ino, info.st_mode, *_stamp(info)))
+    except (OSError, AttributeError):
+        return None
+    return list(dirs), tuple(stamps)
+
+
+def checked_before(folder: Path, meta: Mapping[str, Any], mode: str, allow_pickle: bool) -> bool:
+    """Whether this process checked ``folder`` with this metadata and passed, with checks at
+    least as strict (digests cover sizes; pickles refused covers pickles allowed), and nothing
+    in it has changed since (see ``_CHECKED``)."""
+    found = _CHECKED.get(os.fspath(folder))
+    if found is None:
+        return False
+    (was_mode, was_pickle), record, outputs, (dirs, stamps) = found
+    if (was_mode != mode and was_mode != "digest") or (was_pickle and not allow_pickle):
+        return False
+    if meta.get(RECORD) != record or meta.get("outputs") != outputs:
+        return False
+    now = _folder_stamps(folder, record, dirs)
+    return now is not None and now[1] == stamps
+
+
+def remember_checked(folder: Path, meta: Mapping[str, Any], mode: str, allow_pickle: bool) -> None:
+    """Note that ``folder`` passed the hit checks (``mode``, ``allow_pickle``) with ``meta``."""
+    record = meta.get(RECORD)
+    if not isinstance(record, dict):
+        return
+    found = _folder_stamps(folder, record, None)
+    if found is None:
+        return
+    if len(_CHECKED) >= 10_000:
+        _CHECKED.clear()
+    import copy
+
+    _CHECKED[os.fspath(folder)] = ((mode, allow_pickle), copy.deepcopy(record), copy.deepcopy(meta.get("outputs")), found)
 
 
 def digest_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -425,11 +493,12 @@ def sniff(path: str | os.PathLike) -> str:
     'pickle'
     >>> os.unlink(f.name)
     """
+    info = os.stat(path)
+    found = _SNIFFED.get((info.st_dev, info.st_ino))
+    if found is not None and found[:3] == _stamp(info):
+        return found[3]
     with open(path, "rb") as f:
-        info = os.fstat(f.fileno())
-        found = _SNIFFED.get((info.st_dev, info.st_ino))
-        if found is not None and found[:3] == _stamp(info):
-            return found[3]
+        info = os.fstat(f.fileno())  # the file read (not one renamed into place since the stat)
         kind = _sniff_open(path, f, info.st_size)
     if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) >= _RACY_NS:  # as _remember
         if len(_SNIFFED) >= _KNOWN_LIMIT:

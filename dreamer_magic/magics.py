@@ -9,6 +9,7 @@ Examples
 
 from __future__ import annotations
 
+import argparse
 import re
 import time
 from typing import Any
@@ -72,6 +73,8 @@ class DreamerMagics(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self._cells: dict[str, tuple[str, Any, str]] = {}
+        self._parsed: dict[tuple[str, str], Any] = {}  # (magic, line) -> parsed arguments
+        self._transformed: dict[tuple, str] = {}  # (cell, transformers) -> transformed source
         self.frontend: Any = None  # the IPythonFrontend, set by load()
         if self.output_folder:
             set_output_folder(self.output_folder)
@@ -129,7 +132,7 @@ class DreamerMagics(Magics):
         """
         __tracebackhide__ = True  # noqa: F841 - an error in the body shows the user's frames only
         started = time.perf_counter()  # the status line's time is the whole cell's
-        args = parse_argstring(self.dreamer_step, line)
+        args = self._arguments(self.dreamer_step, line)
         self._run_cell("step", args, cell, f"%%dreamer_step {line}", started)
 
     @magic_arguments()
@@ -165,8 +168,33 @@ class DreamerMagics(Magics):
         """
         __tracebackhide__ = True  # noqa: F841
         started = time.perf_counter()  # the status line's time is the whole cell's
-        args = parse_argstring(self.dreamer_train, line)
+        args = self._arguments(self.dreamer_train, line)
         self._run_cell("trainer", args, cell, f"%%dreamer_train {line}", started)
+
+    def _arguments(self, magic: Any, line: str) -> Any:
+        """``parse_argstring(magic, line)``, remembered per line (argparse costs a tenth of a
+        hit): a fresh copy each time, so nothing that changes it reaches the next run."""
+        key = (magic.__name__, line)
+        parsed = self._parsed.get(key)
+        if parsed is None:
+            parsed = parse_argstring(magic, line)
+            if len(self._parsed) > 1000:
+                self._parsed.clear()
+            self._parsed[key] = parsed
+        return argparse.Namespace(**{k: list(v) if isinstance(v, list) else v for k, v in vars(parsed).items()})
+
+    def _transform(self, cell: str) -> str:
+        """The cell's body as IPython runs it (``%magic`` and ``!shell`` lines turned into calls),
+        remembered per text while IPython's input transformers stay the same."""
+        manager = self.shell.input_transformer_manager
+        key = (cell, tuple(map(id, manager.cleanup_transforms + manager.line_transforms + manager.token_transformers)))
+        source = self._transformed.get(key)
+        if source is None:
+            source = self.shell.transform_cell(cell)
+            if len(self._transformed) > 200:
+                self._transformed.clear()
+            self._transformed[key] = source
+        return source
 
     def _run_cell(self, kind: str, args: Any, cell: str, magic_line: str, started: float | None = None) -> None:
         __tracebackhide__ = True  # noqa: F841
@@ -177,7 +205,7 @@ class DreamerMagics(Magics):
             raise UsageError(str(e)) from None
         if not cell.strip():
             raise UsageError(f"the {kind} {name!r} has an empty cell: put the code to cache below the magic line")
-        source = self.shell.transform_cell(cell)
+        source = self._transform(cell)
         self._cells[folder_name] = (source, args, kind)
         options = dict(
             frontend=self.frontend,

@@ -44,7 +44,7 @@ from .fingerprint import (
 )
 from .folders import OutputFolder, get_output_folder, now_iso, read_json, read_meta, tree_digest, validate_name, write_json_atomic
 from .folders import WRITE_REFUSED, interrupts_deferred, saving_into
-from .integrity import RECORD, check_links, check_mode, record_files, tree_digest_of, verify_record
+from .integrity import RECORD, check_links, check_mode, checked_before, record_files, remember_checked, tree_digest_of, verify_record
 from .status import FAILED, INTERRUPTED, LOADED, PULLED, RAN, RESTORED, RUNNING, WAITING, OutputInfo, Reason, Status, value_preview
 
 STEP_FILE = "step.json"
@@ -462,6 +462,7 @@ class StepRun:
         self.damaged: list[Reason] = []  # saved results with this fingerprint found damaged and set aside
         self.load_from: Path | None = None  # a backup loaded where it is (a read-only output folder)
         self.committed = False  # the new result is in place (an interrupt after this loses nothing)
+        self.files_checked = False  # the hit's files were checked before, unchanged since (_load)
         # Where this step's folder and its backups live: the output folder, or for a nested
         # step the folder its parent is writing (so nested backups travel with the parent).
         if self.parent is None:
@@ -812,7 +813,7 @@ class StepRun:
         """Load the saved outputs (trainers load models with ``from_pretrained``)."""
         from .storage import load_outputs
 
-        return load_outputs(folder, entries, allow_pickle=self.spec.allow_pickle)
+        return load_outputs(folder, entries, allow_pickle=self.spec.allow_pickle, checked=self.files_checked)
 
     def rebind(self) -> None:
         """Re-run the cell's ``import``/``def``/``class`` statements, as a run would have bound them.
@@ -825,13 +826,21 @@ class StepRun:
             self.frontend.rerun(statement, self.namespace)
 
     def _load(self, folder: Path, meta: dict, state: str, started: float) -> dict[str, Any]:
-        status = self.status
-        self._check_saved(folder, meta)
+        status, spec = self.status, self.spec
+        # A step folder this kernel checked and loaded, unchanged since (integrity.checked_before),
+        # is not checked again: a second hit costs a stat per file instead of reading them.
+        self.files_checked = self.meta_file == STEP_FILE and checked_before(folder, meta, spec.verify, spec.allow_pickle)
+        if self.files_checked:
+            status.verified = spec.verify
+        else:
+            self._check_saved(folder, meta)
         entries = meta.get("outputs") or {}
         self.entries = entries
         self.meta = meta
         self.rebind()
         values = self._load_values(folder, entries)
+        if not self.files_checked and self.meta_file == STEP_FILE and status.verified is not None:
+            remember_checked(folder, meta, spec.verify, spec.allow_pickle)
         self._restore_rng(folder, meta)
         self._note_untracked(meta.get("dependencies"))
         self._note_outputs(folder, entries)

@@ -227,7 +227,12 @@ def save_outputs(
 
 
 def load_outputs(
-    folder: Path, entries: Mapping[str, dict], *, allow_pickle: bool = True, namespace: Mapping[str, Any] | None = None
+    folder: Path,
+    entries: Mapping[str, dict],
+    *,
+    allow_pickle: bool = True,
+    namespace: Mapping[str, Any] | None = None,
+    checked: bool = False,
 ) -> dict[str, Any]:
     """Load every output described by ``entries`` (as returned by :func:`save_outputs`).
 
@@ -238,6 +243,8 @@ def load_outputs(
     With ``allow_pickle`` false, an output whose loading would run saved code (a pickle, a
     function's source, a file that holds a pickle whatever the entry says) is refused before
     any output is loaded. ``namespace`` is the user namespace (see :class:`LoadContext`).
+    ``checked``: the files were checked by content already, unchanged since
+    (``integrity.checked_before``): :func:`check_files` is not run again.
 
     Raises
     ------
@@ -249,7 +256,7 @@ def load_outputs(
     contexts = {name: LoadContext(allow_pickle, namespace, name) for name in entries}
     for name, entry in entries.items():
         _refuse_code(entry, _storer_for(entry, name), contexts[name])
-    for name, entry in entries.items():
+    for name, entry in entries.items() if not checked else ():
         check_files(folder, entry, contexts[name])
     return {name: _load_one(folder, entry, contexts[name]) for name, entry in entries.items()}
 

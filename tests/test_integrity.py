@@ -218,6 +218,52 @@ def test_truncated_or_flipped_data_is_a_miss_that_keeps_the_folder_aside(ip, sav
         dreamer_magic.step("t", verify="fast")
 
 
+def test_a_folder_checked_in_this_kernel_is_checked_again_once_anything_in_it_moves(ip, saved, tmp_path, monkeypatch):
+    """A second hit skips re-reading a folder it checked, unchanged since (by the stamps of its
+    files and folders); a flipped byte, a symlink added deep inside, or a file added beside
+    the outputs is still found on the next hit."""
+    from dreamer_magic import integrity
+
+    monkeypatch.setattr(integrity, "_RACY_NS", 0)  # remember even a folder written just now
+    output, folder = saved
+    import time
+
+    for tamper, expect in [
+        (lambda: flip(next((folder / "_dataset").glob("data-*.arrow")), 300), "same size, different content"),
+        (lambda: os.symlink(_outside(tmp_path), folder / "_dataset" / "cache-x.arrow"), "outside the step folder"),
+        (lambda: (folder / "replay.json").write_text("[]"), "`replay.json` was added after the save"),
+    ]:
+        assert run(ip, "s", CELL).state in ("loaded from disk", "ran")
+        hit = run(ip, "s", CELL)  # remembered as checked
+        assert hit.state == "loaded from disk" and str(folder) in integrity._CHECKED
+        time.sleep(0.02)  # past the file system's clock tick
+        tamper()
+        ran = run(ip, "s", CELL)
+        assert ran.state == "ran" and any(expect in str(r) for r in ran.reasons), (expect, ran.reasons)
+
+
+def test_what_a_remembered_check_covers(tmp_path, monkeypatch):
+    """Digests cover a check by sizes, not the other way round; a check with pickles refused
+    covers one with pickles allowed, not the other way round; another record is not covered."""
+    from dreamer_magic import integrity
+
+    monkeypatch.setattr(integrity, "_RACY_NS", 0)
+    folder = tmp_path / "s"
+    (folder / "_outputs").mkdir(parents=True)
+    (folder / "_outputs" / "a.npy").write_bytes(b"x" * 100)
+    meta = {"files": record_files(folder), "outputs": {"a": {"path": "_outputs/a.npy"}}}
+    integrity.remember_checked(folder, meta, "size", True)
+    assert integrity.checked_before(folder, meta, "size", True)
+    assert not integrity.checked_before(folder, meta, "digest", True)
+    assert not integrity.checked_before(folder, meta, "size", False)
+    integrity.remember_checked(folder, meta, "digest", False)
+    assert integrity.checked_before(folder, meta, "size", True) and integrity.checked_before(folder, meta, "digest", False)
+    other = {**meta, "outputs": {"a": {"path": "_outputs/a.npy", "storage": "pickle"}}}
+    assert not integrity.checked_before(folder, other, "digest", False)
+    integrity.forget_digests()
+    assert not integrity.checked_before(folder, meta, "size", True)
+
+
 def test_a_damaged_backup_is_never_restored_and_an_old_record_still_hits(ip, saved):
     output, folder = saved
     ip.user_ns["k"] = 1
