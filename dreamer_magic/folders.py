@@ -582,9 +582,11 @@ class OutputFolder:
         OS file lock (``fcntl.flock`` on POSIX, ``filelock`` elsewhere).
         """
         held: Any = None
-        for locks in (self.root / ".locks", _fallback_locks(self.root)):
+        for locks in (self.root / ".locks", None):
+            locks = locks if locks is not None else _fallback_locks(self.root)  # only when needed
             try:
-                locks.mkdir(parents=True, exist_ok=True)
+                if not locks.is_dir():  # (a mkdir that fails with "exists" costs more than a stat)
+                    locks.mkdir(parents=True, exist_ok=True)
                 held = _os_lock(str(locks / lock_file_name(name_path)), on_wait)
                 held.__enter__()
                 break

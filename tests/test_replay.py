@@ -156,3 +156,19 @@ def test_exported_html_shows_the_final_card(tmp_path):
     # the widget left no view behind that an offline page could not draw
     assert '<script type="application/vnd.jupyter.widget-view+json">' not in html
     (tmp_path / "exported.html").write_text(html, encoding="utf-8")
+
+
+@pytest.mark.timeout(300)
+def test_text_printed_before_a_hit_comes_before_its_card_and_a_quiet_hit_shows_one_card(twice):
+    """A hit's card is displayed without ipykernel's stream flush only when nothing waits in
+    the streams: text the cell printed first still arrives first, the replay after the card."""
+    first, second = twice(
+        "print('printed first')\nget_ipython().run_cell_magic('dreamer_step', 'after', 'print(\"from the body\")\\nz = 3')",
+        "%%dreamer_step quiet\ny = 2",
+    )
+    for nb in (first, second):
+        kinds = [(o.output_type, o.get("text", "").strip()) for o in outputs(nb.cells[1])]
+        assert kinds == [("stream", "printed first"), ("display_data", ""), ("stream", "from the body")], kinds
+        assert len(cards(nb.cells[2])) == 1 and not stdout(nb.cells[2])
+    assert cards(second.cells[1])[0].data["text/plain"].startswith("[dreamer] step after: loaded from disk")
+    assert cards(second.cells[2])[0].data["text/plain"].startswith("[dreamer] step quiet: loaded from disk")
