@@ -1611,7 +1611,7 @@ def check(recorded: dict[str, Any] | None, cwd: str | os.PathLike | None = None,
     base = os.path.abspath(os.fspath(cwd) if cwd is not None else os.getcwd())
     changes: list[Change] = []
     with _paused():
-        # steps._CHECKED names the keys these read: a record empty in all of them is not checked
+        # steps._DEPENDENCY_KEYS names the keys these read: a record empty in all of them is not checked
         for checker in (_check_files, _check_folders, _check_code, _check_libraries, _check_rng):
             try:
                 for change in checker(recorded, base):

@@ -239,9 +239,13 @@ def forget_digests() -> None:
 _CHECKED: dict[str, tuple[Any, Any, Any, tuple]] = {}
 
 
-def _folder_stamps(folder: Path, record: Mapping[str, Any], dirs: Iterable[str] | None) -> tuple[list[str], tuple] | None:
+def _folder_stamps(
+    folder: Path, record: Mapping[str, Any], dirs: Iterable[str] | None, expected: tuple | None = None
+) -> tuple[list[str], tuple] | None:
     """``(folders, stamps)`` of ``folder``'s folders (listed now when ``dirs`` is ``None``)
-    and its record's files; ``None`` when one is missing or changed within the racy window."""
+    and its record's files; ``None`` when one is missing or changed within the racy window, or
+    differs from ``expected`` (the folders come first, so a folder replaced by a symlink is
+    seen before anything under it is looked at)."""
     root = os.fspath(folder)
     if dirs is None:
         dirs, pending = [], [root]
@@ -261,6 +265,8 @@ def _folder_stamps(folder: Path, record: Mapping[str, Any], dirs: Iterable[str] 
             if max(info.st_mtime_ns, info.st_ctime_ns) > limit:
                 return None
             stamps.append((info.st_dev, info.st_ino, info.st_mode, *_stamp(info)))
+            if expected is not None and (len(stamps) > len(expected) or stamps[-1] != expected[len(stamps) - 1]):
+                return None
     except (OSError, AttributeError):
         return None
     return list(dirs), tuple(stamps)
@@ -278,7 +284,7 @@ def checked_before(folder: Path, meta: Mapping[str, Any], mode: str, allow_pickl
         return False
     if meta.get(RECORD) != record or meta.get("outputs") != outputs:
         return False
-    now = _folder_stamps(folder, record, dirs)
+    now = _folder_stamps(folder, record, dirs, stamps)
     return now is not None and now[1] == stamps
 
 

@@ -185,15 +185,18 @@ class DreamerMagics(Magics):
 
     def _transform(self, cell: str) -> str:
         """The cell's body as IPython runs it (``%magic`` and ``!shell`` lines turned into calls),
-        remembered per text while IPython's input transformers stay the same."""
-        manager = self.shell.input_transformer_manager
-        key = (cell, tuple(map(id, manager.cleanup_transforms + manager.line_transforms + manager.token_transformers)))
+        remembered per text while IPython's input transformers stay the same. A body of one line
+        is never remembered: IPython transforms those by the namespace too (autocall)."""
+        manager, shell = self.shell.input_transformer_manager, self.shell
+        transformers = manager.cleanup_transforms + manager.line_transforms + manager.token_transformers
+        key = (cell, tuple(map(id, transformers + list(shell.input_transformers_post))))
         source = self._transformed.get(key)
         if source is None:
-            source = self.shell.transform_cell(cell)
-            if len(self._transformed) > 200:
-                self._transformed.clear()
-            self._transformed[key] = source
+            source = shell.transform_cell(cell)
+            if len(source.splitlines()) > 1:
+                if len(self._transformed) > 200:
+                    self._transformed.clear()
+                self._transformed[key] = source
         return source
 
     def _run_cell(self, kind: str, args: Any, cell: str, magic_line: str, started: float | None = None) -> None:

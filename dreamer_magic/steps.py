@@ -74,7 +74,7 @@ def active_statuses() -> list[Status]:
 
 
 # What dependencies.check() looks at in a step's recorded dependencies.
-_CHECKED = ("files", "folders", "code", "libraries", "rng")
+_DEPENDENCY_KEYS = ("files", "folders", "code", "libraries", "rng")
 
 
 def current_remote() -> Any:
@@ -774,7 +774,7 @@ class StepRun:
         """Whether what the saved run read besides its inputs (files, user code, libraries,
         global RNG state) is as it was; the first change found is added to ``changed``."""
         recorded = meta.get("dependencies")
-        if not recorded or (isinstance(recorded, dict) and all(recorded.get(k) in (None, [], {}) for k in _CHECKED)):
+        if not recorded or (isinstance(recorded, dict) and all(recorded.get(k) in (None, [], {}) for k in _DEPENDENCY_KEYS)):
             return True  # nothing to check (most steps): dependencies.py is not even imported
         from . import dependencies
 

@@ -897,7 +897,7 @@ def _simple_frame(table: Any, meta: dict, fixups: dict[str, Any]) -> Any:
     if len(set(names)) != len(names):
         return None
     objects = fixups.get("object_columns") or {}
-    text_dtype = pd.StringDtype("pyarrow", na_value=np.nan)  # pandas 3's ``str``
+    text_dtype = None  # pandas 3's ``str`` (made when needed: pandas 2 has no na_value)
     arrays: list[Any] = []
     for i, (column, name, data) in enumerate(zip(columns, names, table.columns)):
         if column.get("metadata") is not None or column.get("name") != name or column.get("field_name") != name:
@@ -909,6 +909,7 @@ def _simple_frame(table: Any, meta: dict, fixups: dict[str, Any]) -> Any:
             if data.null_count and objects[str(i)] == "nan":
                 array[np.asarray(data.is_null())] = np.nan
         elif numpy_type == "str" and text:
+            text_dtype = text_dtype or pd.StringDtype("pyarrow", na_value=np.nan)
             array = text_dtype.__from_arrow__(data)
         elif numpy_type in _PLAIN_NUMPY and (data.null_count == 0 or numpy_type.startswith("float")):
             array = data.to_numpy()  # may be a read-only view of the file: _frame_of_columns copies
@@ -930,7 +931,7 @@ def _simple_frame(table: Any, meta: dict, fixups: dict[str, Any]) -> Any:
             return None
         offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
         labels = pa.LargeStringArray.from_buffers(len(names), pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded)))
-        labels = pd.Index(text_dtype.__from_arrow__(labels), copy=False)
+        labels = pd.Index((text_dtype or pd.StringDtype("pyarrow", na_value=np.nan)).__from_arrow__(labels), copy=False)
     else:
         labels = pd.Index(names, dtype=object)
     return _frame_of_columns(arrays, rows, labels)

@@ -441,7 +441,8 @@ def _streams_left_alone() -> Iterator[None]:
     idle = publisher is not None and callable(getattr(publisher, "_flush_streams", None))
     for stream in (sys.stdout, sys.stderr) if idle else ():
         buffers, lock = getattr(stream, "_buffers", None), getattr(stream, "_buffer_lock", None)
-        if not isinstance(buffers, dict) or lock is None or getattr(stream, "_flush_pending", True):
+        pending = getattr(stream, "_flush_pending", True) or getattr(stream, "_subprocess_flush_pending", False)
+        if not isinstance(buffers, dict) or lock is None or pending:
             idle = False
             break
         with lock:
