@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import DreamerError, InvalidNameError
-from .integrity import digest_file, unsafe_paths
+from .integrity import _RACY_NS, digest_file, unsafe_paths
 
 NAME_RULE = (
     "a name must be 1-100 characters of letters, digits, space, '_', '-' or '.', "
@@ -368,13 +368,29 @@ def is_inside(path: Path, root: Path) -> bool:
 
 def _listing(folder: Path) -> list[Path]:
     """The entries of ``folder`` whose names start with a dot (the only ones leftovers have),
-    as paths; empty when it is not a folder. (One ``scandir``: an output folder of many steps is
-    listed on every hit, and a ``Path`` per entry would cost more than the listing.)"""
+    as paths; empty when it is not a folder. The output folder is listed on every hit: a
+    listing is remembered by the folder's stamp (an entry made, removed or renamed moves its
+    mtime and ctime; one changed in the last seconds is listed again, as for digests), so a
+    hit in a folder of many steps costs one ``stat``."""
+    key = os.fspath(folder)
     try:
-        with os.scandir(folder) as it:
-            return [folder / e.name for e in it if e.name.startswith(".")]
+        info = os.stat(key)
+        stamp = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
+        known = _LISTED.get(key)
+        if known is not None and known[0] == stamp:
+            return [folder / name for name in known[1]]
+        with os.scandir(key) as it:
+            names = [e.name for e in it if e.name.startswith(".")]
     except OSError:
         return []
+    if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) >= _RACY_NS:
+        if len(_LISTED) >= 10_000:
+            _LISTED.clear()
+        _LISTED[key] = (stamp, names)
+    return [folder / name for name in names]
+
+
+_LISTED: dict[str, tuple[tuple[int, int, int, int], list[str]]] = {}  # see _listing
 
 
 def leftover_kind(name: str) -> str | None:

@@ -124,3 +124,23 @@ def test_gc_leaves_a_backups_folder_that_is_a_symlink_alone(tmp_path):
     assert report.removed == [] and report.refused == ["_backups"]
     assert (elsewhere / "step.json").exists() and (elsewhere.parent / ".0123abcd.trash-0badc0de").exists()
     assert "left _backups alone" in "\n".join(report.lines())
+
+
+def test_a_leftover_made_after_a_remembered_listing_is_still_swept(tmp_path, monkeypatch):
+    """The output folder's listing is remembered by its stamp (a hit lists it every time); a
+    temporary folder left there later moves the stamp and is found by the next sweep."""
+    import time
+
+    from dreamer_magic import folders
+
+    monkeypatch.setattr(folders, "_RACY_NS", 0)  # remember even a folder changed just now
+    out = folders.OutputFolder(tmp_path / "output")
+    out.ensure()
+    final = out.path("s")
+    final.mkdir()
+    assert out.sweep(final) == {}
+    assert os.fspath(out.root) in folders._LISTED and out.sweep(final) == {}  # remembered
+    time.sleep(0.02)  # past the file system's clock tick
+    leftover = out.root / ".s.tmp-123-0badc0de"
+    leftover.mkdir()
+    assert list(out.sweep(final)) == [leftover] and not leftover.exists()
