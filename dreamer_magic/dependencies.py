@@ -95,6 +95,8 @@ from typing import Any, Iterable
 
 import xxhash
 
+from .integrity import digest_file
+
 __all__ = [
     "Change",
     "user_modules_reached",
@@ -108,7 +110,6 @@ __all__ = [
 
 FORMAT = 1
 _PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
-_CHUNK = 1 << 20
 _MAX_LISTED = 3  # hosts or commands named on one "untracked" line before "and N more"
 
 _local = threading.local()  # .stack: list[Trace] of this thread; .paused: int
@@ -1043,19 +1044,6 @@ def _distributions(top_levels: Iterable[tuple[str, str]]) -> dict[str, str]:
 # --------------------------------------------------------------------------- files
 
 
-def _file_digest(path: str) -> str:
-    h = xxhash.xxh3_128()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 def _file_entry(path: str, cwd: str, declared: bool = False) -> dict[str, Any] | None:
     try:
         st = os.stat(path)
@@ -1064,7 +1052,7 @@ def _file_entry(path: str, cwd: str, declared: bool = False) -> dict[str, Any] |
     if not _stat.S_ISREG(st.st_mode):
         return None
     try:
-        digest = _file_digest(path)
+        digest = digest_file(path)
     except OSError:
         return None
     entry: dict[str, Any] = {"path": _display(path, cwd), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
@@ -1643,7 +1631,7 @@ def _check_files(recorded: dict, cwd: str) -> Iterable[Change]:
             continue
         if st.st_size == entry["size"]:
             try:
-                if _file_digest(path) == entry["digest"]:
+                if digest_file(path) == entry["digest"]:
                     continue  # touched only
             except OSError:
                 pass

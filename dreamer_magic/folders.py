@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import DreamerError, InvalidNameError
-from .integrity import _RACY_NS, digest_file, unsafe_paths
+from .integrity import digest_file, settled, unsafe_paths
 
 NAME_RULE = (
     "a name must be 1-100 characters of letters, digits, space, '_', '-' or '.', "
@@ -153,11 +153,6 @@ def folder_size(path: Path) -> int:
     return total
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """xxh3-128 of a file's content (``integrity.digest_file``)."""
-    return digest_file(path)
-
-
 def tree_digest(path: str | os.PathLike) -> str:
     """xxh3-128 of a file, or of every file under a folder (relative paths, sizes, contents).
 
@@ -168,7 +163,7 @@ def tree_digest(path: str | os.PathLike) -> str:
 
     root = Path(path)
     if root.is_file() and not root.is_symlink():
-        return file_digest(root)
+        return digest_file(root)
     h = xxhash.xxh3_128()
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -181,7 +176,7 @@ def tree_digest(path: str | os.PathLike) -> str:
         if full.is_symlink():
             h.update(b"link:" + os.readlink(full).encode("utf-8", "surrogatepass"))
         else:
-            h.update(str(full.stat().st_size).encode() + b":" + file_digest(full).encode())
+            h.update(str(full.stat().st_size).encode() + b":" + digest_file(full).encode())
     return h.hexdigest()
 
 
@@ -383,7 +378,7 @@ def _listing(folder: Path) -> list[Path]:
             names = [e.name for e in it if e.name.startswith(".")]
     except OSError:
         return []
-    if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) >= _RACY_NS:
+    if settled(info):
         if len(_LISTED) >= 10_000:
             _LISTED.clear()
         _LISTED[key] = (stamp, names)

@@ -206,6 +206,12 @@ def _stamp(info: os.stat_result) -> tuple[int, int, int]:
     return info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
+def settled(info: os.stat_result) -> bool:
+    """Whether the file or folder ``info`` describes last changed long enough ago for its stamp
+    to be trusted (the racy rule every memo keyed by stamps follows)."""
+    return time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) >= _RACY_NS
+
+
 def known_digest(info: os.stat_result) -> str | None:
     """The digest this process computed for the file ``info`` describes, if it has not changed since."""
     found = _KNOWN.get((info.st_dev, info.st_ino))
@@ -213,7 +219,7 @@ def known_digest(info: os.stat_result) -> str | None:
 
 
 def _remember(path: str | os.PathLike, before: os.stat_result, digest: str) -> None:
-    if time.time_ns() - max(before.st_mtime_ns, before.st_ctime_ns) < _RACY_NS:
+    if not settled(before):
         return
     with contextlib.suppress(OSError):
         if _stamp(os.stat(path)) != _stamp(before):  # written to while it was hashed
@@ -257,12 +263,11 @@ def _folder_stamps(
                     pending += [e.path for e in it if e.is_dir(follow_symlinks=False)]
             except OSError:
                 return None
-    limit = time.time_ns() - _RACY_NS
     stamps = []
     try:
         for rel in list(dirs) + [r.replace("/", os.sep) for r in record]:
             info = os.lstat(os.path.join(root, rel))
-            if max(info.st_mtime_ns, info.st_ctime_ns) > limit:
+            if not settled(info):
                 return None
             stamps.append((info.st_dev, info.st_ino, info.st_mode, *_stamp(info)))
             if expected is not None and (len(stamps) > len(expected) or stamps[-1] != expected[len(stamps) - 1]):
@@ -506,7 +511,7 @@ def sniff(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         info = os.fstat(f.fileno())  # the file read (not one renamed into place since the stat)
         kind = _sniff_open(path, f, info.st_size)
-    if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) >= _RACY_NS:  # as _remember
+    if settled(info):
         if len(_SNIFFED) >= _KNOWN_LIMIT:
             _SNIFFED.clear()
         _SNIFFED[(info.st_dev, info.st_ino)] = (*_stamp(info), kind)

@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import DreamerError
-from .folders import BACKUPS, file_digest, meta_shape_problem, read_meta, tree_digest
-from .integrity import DIGEST
+from .folders import BACKUPS, meta_shape_problem, read_meta, tree_digest
+from .integrity import DIGEST, digest_file
 
 INSTALL_HINT = (
     "a remote output folder needs fsspec and the driver of its filesystem: "
@@ -251,7 +251,7 @@ def verify(folder: Path, meta: dict, sizes: dict[str, int] | None = None) -> str
             if item.get("size") is not None and path.stat().st_size != int(item["size"]):
                 return f"{item['path']} has another size than recorded"
             expected = item.get("digest") or item.get(DIGEST)  # step.json's record says "xxh3_128"
-            if expected and file_digest(path) != expected:
+            if expected and digest_file(path) != expected:
                 return f"{item['path']} has another digest than recorded"
         return None
     for name, entry in (meta.get("outputs") or {}).items():

@@ -131,9 +131,9 @@ def test_a_leftover_made_after_a_remembered_listing_is_still_swept(tmp_path, mon
     temporary folder left there later moves the stamp and is found by the next sweep."""
     import time
 
-    from dreamer_magic import folders
+    from dreamer_magic import folders, integrity
 
-    monkeypatch.setattr(folders, "_RACY_NS", 0)  # remember even a folder changed just now
+    monkeypatch.setattr(integrity, "_RACY_NS", 0)  # remember even a folder changed just now
     out = folders.OutputFolder(tmp_path / "output")
     out.ensure()
     final = out.path("s")
